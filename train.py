@@ -1,0 +1,905 @@
+"""
+reasoning-engine: SFT on <think>/<answer> traces, then critic-free RL (GRPO / Dr. GRPO / DAPO), in one file.
+
+    python train.py config/tiny.py                                    # SFT, tiny scratch model, CPU, seconds
+    python train.py config/tiny.py --mode=dapo                        # RL on CPU (also grpo, dr_grpo)
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py  # same job on 2 ranks (gloo, FSDP2)
+    torchrun --standalone --nproc_per_node=2 train.py config/sft.py   # Qwen2.5-3B GSM8K SFT on 2 GPUs
+
+How the RL modes differ here. Per completion token: ratio = exp(logp - logp_old),
+l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), logp from logits / temperature.
+1. grpo (DeepSeekMath https://arxiv.org/abs/2402.03300, R1 https://arxiv.org/abs/2501.12948):
+   A = (r - mean_g) / (std_g + 1e-4); l += beta * k3 KL to a frozen reference;
+   loss = mean over sequences of (sum of the sequence's token losses / its length).
+2. dr_grpo (https://arxiv.org/abs/2503.20783): A = r - mean_g (no std); no KL and no reference model;
+   loss = sum of token losses / (sequences x max_new_tokens), a constant, so no length bias.
+3. dapo (https://arxiv.org/abs/2503.14476): A as grpo; no reference; clip-higher (eps_high 0.28);
+   loss = sum of token losses / completion tokens; dynamic sampling (groups whose G rewards are all equal
+   are dropped and more prompts generated); overlong reward shaping.
+Every denominator spans the whole optimizer step (all micro-batches on all ranks), so 1 or 4 micro-batches
+and 1 or 2 ranks give the same gradient. Old log-probs are recomputed by the training forward pass, so with
+num_iterations=1 the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward).
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+
+import nvtx
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+import rewards
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'  # checkpoints (out_dir/ckpt -> newest ckpt_NNNNNN) and metrics.jsonl
+init_from = 'Qwen/Qwen2.5-3B'  # hub name | local HF dir (e.g. an SFT out_dir/ckpt) | 'scratch' | 'resume'
+ckpt_interval = 100  # steps between checkpoints; one is always written at the end
+log_interval = 1  # steps between log lines
+# data
+dataset = 'openai/gsm8k'  # hub name | path/to/file.jsonl | 'arith' (built-in synthetic task)
+dataset_config = 'main'  # hub dataset config name ('' for none)
+split = 'train'  # hub split; for 'arith': 'train' | 'test' (disjoint problems)
+question_field = 'question'  # field holding the problem
+answer_field = 'answer'  # field holding the final answer, or a GSM8K solution ('reasoning #### answer')
+reasoning_field = ''  # field holding the reasoning; '' means answer_field is a GSM8K solution
+prompt_template = 'r1'  # 'r1' (plain text, base models) | 'chat' (tokenizer chat template) | '...{question}...'
+system_prompt = 'You are a helpful assistant.'  # 'chat' only: always explicit (Qwen base vs instruct differ)
+eos_token = ''  # end of completion; '' = '<|im_end|>' with 'chat', else the tokenizer's end of text
+max_seq_len = 1024  # sft: longer examples are dropped and counted in the log
+arith_terms = 3  # 'arith': numbers per problem (terms - 1 operations)
+arith_digits = 2  # 'arith': digits per number
+# model ('scratch' only: a Qwen2-architecture model with random weights and an offline byte tokenizer)
+n_layer = 2
+n_head = 4
+n_kv_head = 2
+n_embd = 64
+n_ff = 256  # mlp width
+# optimization
+mode = 'sft'  # 'sft' | 'grpo' | 'dr_grpo' | 'dapo'
+max_iters = 1000  # optimizer steps (rl: rollout batches) in this run
+lr_decay_iters = 1000  # cosine ends here (not at max_iters, so a run can stop early and resume)
+warmup_iters = 20
+learning_rate = 1e-5
+min_lr = 1e-6
+weight_decay = 0.0  # on 2-d weights only
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables
+batch_size = 64  # global per step, whatever the world size: sft examples | rl prompts (x group_size samples)
+micro_batch_size = 4  # sequences per forward/backward on each rank
+master_dtype = 'fp32'  # 'fp32' | 'bf16': fp32 master weights apply 1e-6-sized updates; bf16 loses them
+optim_dtype = 'bf16'  # 'fp32' | 'bf16': adam moments; bf16 halves their memory (fits 3B on 2x24 GB)
+# rl
+group_size = 8  # G samples per prompt
+max_new_tokens = 1024
+temperature = 1.0  # sampling temperature; log-probs use logits / temperature too
+top_p = 1.0  # < 1 changes the behaviour policy away from logits / T: keep 1 for rl
+stop_strings = ['</answer>']  # generation also stops on these (and on eos)
+num_iterations = 1  # mu: optimizer steps per rollout batch
+beta = 0.1  # grpo: k3 KL coefficient
+eps_low = 0.2
+eps_high = 0.0  # 0 = the mode's default: 0.28 for dapo, else eps_low
+dynamic_sampling = True  # dapo: drop constant-reward groups and generate more
+max_gen_rounds = 4  # dapo: generation rounds per step at most
+overlong = 'auto'  # 'auto' (dapo: 'soft', else 'none') | 'none' | 'fixed' | 'soft'
+overlong_penalty = 0.5  # 'fixed': reward -= this when truncated without an answer
+overlong_buffer = 256  # 'soft': linear penalty over the last this-many tokens
+overlong_factor = 1.0  # 'soft': penalty at max_new_tokens
+format_reward = 0.0  # reward for a well-formed but wrong completion
+# system
+device = 'cuda'  # 'cuda' | 'cpu'
+seed = 1337
+activation_checkpointing = True  # recompute each decoder layer in backward
+logprob_chunk = 256  # positions per fp32 log-softmax chunk (never a (B, T, V) fp32 tensor)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list))]
+MODES = ('sft', 'grpo', 'dr_grpo', 'dapo')
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+R1_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+               "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning and "
+               "the answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+               "<think> reasoning here </think><answer> answer here </answer>.\nUser: {question}\nAssistant: ")
+SPECIALS = ['<|endoftext|>', '<think>', '</think>', '<answer>', '</answer>']
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    """one small interface over a HF tokenizer and the offline tiktoken byte tokenizer of 'scratch' models."""
+
+    def __init__(self, hf=None, enc=None):
+        self.hf, self.enc = hf, enc
+        self.n_vocab = len(hf) if hf is not None else enc.n_vocab  # ids >= n_vocab are never sampled
+
+    @staticmethod
+    def bytes_level():
+        import tiktoken
+        ranks = {bytes([i]): i for i in range(256)}
+        specials = {s: 256 + i for i, s in enumerate(SPECIALS)}
+        return Tokenizer(enc=tiktoken.Encoding('reasoning-bytes', pat_str=r"\s+|\S+", mergeable_ranks=ranks,
+                                               special_tokens=specials))
+
+    @staticmethod
+    def load(path: str):
+        if os.path.isfile(os.path.join(path, 'tokenizer_tiktoken.json')):
+            return Tokenizer.bytes_level()
+        from transformers import AutoTokenizer
+        return Tokenizer(hf=AutoTokenizer.from_pretrained(path))
+
+    def encode(self, text: str) -> list[int]:
+        if self.hf is not None:
+            return self.hf.encode(text, add_special_tokens=False)
+        return self.enc.encode(text, allowed_special='all')
+
+    def decode(self, ids: list[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids)
+        return self.enc.decode([i for i in ids if i < self.n_vocab])
+
+    def token_id(self, token: str) -> int:
+        ids = self.encode(token)
+        if len(ids) != 1:
+            raise ValueError(f"eos_token {token!r} is not a single token in this tokenizer (got ids {ids})")
+        return ids[0]
+
+    def default_eos(self, template: str) -> str:
+        if template == 'chat':
+            return '<|im_end|>'  # qwen base's eos is <|endoftext|>, but chat turns end with <|im_end|>
+        return self.hf.eos_token if self.hf is not None else '<|endoftext|>'
+
+    def save(self, path: str):
+        if self.hf is not None:
+            self.hf.save_pretrained(path)
+        else:
+            with open(os.path.join(path, 'tokenizer_tiktoken.json'), 'w') as f:
+                json.dump({'kind': 'tiktoken byte-level', 'special_tokens': SPECIALS}, f)
+
+
+def format_prompt(question: str, template: str, tok: Tokenizer, system: str) -> str:
+    if template == 'r1':
+        return R1_TEMPLATE.format(question=question)
+    if template == 'chat':
+        msgs = [{'role': 'system', 'content': system}, {'role': 'user', 'content': question}]
+        return tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return template.format(question=question)
+
+
+# -----------------------------------------------------------------------------
+# data: every source becomes rows {'question', 'reasoning', 'answer'}
+
+
+def arith_problems(n: int, split: str, seed: int, terms: int, digits: int) -> list[dict]:
+    """synthetic multi-step arithmetic; train and test are disjoint by a hash of the problem text."""
+    rng = random.Random(f'{seed}-{split}')
+    rows, seen, lo, hi = [], set(), 10 ** (digits - 1), 10 ** digits - 1
+    while len(rows) < n:
+        nums = [rng.randint(lo, hi) for _ in range(terms)]
+        ops = [rng.choice('+-') for _ in range(terms - 1)]
+        q = ' '.join([str(nums[0])] + [f'{o} {x}' for o, x in zip(ops, nums[1:])])
+        if q in seen or (sum(map(ord, q)) * 2654435761 % 2 ** 32 % 10 == 0) != (split == 'test'):
+            continue
+        seen.add(q)
+        steps, acc = [], nums[0]
+        for o, x in zip(ops, nums[1:]):
+            new = acc + x if o == '+' else acc - x
+            steps.append(f'{acc} {o} {x} = {new}')
+            acc = new
+        rows.append({'question': f'{q} = ?', 'reasoning': '\n'.join(steps), 'answer': str(acc)})
+    return rows
+
+
+def to_rows(raw: list[dict], question_field: str, answer_field: str, reasoning_field: str, source: str) -> list[dict]:
+    rows = []
+    for i, r in enumerate(raw):
+        for field in (question_field, answer_field) + ((reasoning_field,) if reasoning_field else ()):
+            if not isinstance(r.get(field), str) or not r[field].strip():
+                raise ValueError(f"{source} row {i}: field '{field}' is missing or empty (keys: {sorted(r)})")
+        if reasoning_field:
+            rows.append({'question': r[question_field], 'reasoning': r[reasoning_field].strip(),
+                         'answer': r[answer_field].strip()})
+            continue
+        sol = r[answer_field]
+        if '####' not in sol:
+            raise ValueError(f"{source} row {i}: field '{answer_field}' has no '####' before the final answer "
+                             f"(set reasoning_field if the reasoning is elsewhere): {sol[:80]!r}")
+        reasoning, final = sol.rsplit('####', 1)
+        reasoning = re.sub(r'<<[^<>]*>>', '', reasoning).strip()  # gsm8k calculator annotations
+        rows.append({'question': r[question_field], 'reasoning': reasoning, 'answer': rewards.gsm8k_gold(sol)})
+    return rows
+
+
+def load_rows(cfg: dict, split: str, n_arith: int = 20000) -> list[dict]:
+    name = cfg['dataset']
+    if name == 'arith':
+        return arith_problems(n_arith, split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'])
+    if name.endswith('.jsonl'):
+        with open(name) as f:
+            raw = []
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        raw.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{name} line {i + 1}: not valid JSON ({e})") from None
+    else:
+        import datasets
+        raw = datasets.load_dataset(name, cfg['dataset_config'] or None, split=split).to_list()
+    return to_rows(raw, cfg['question_field'], cfg['answer_field'], cfg['reasoning_field'], name)
+
+
+def completion_text(row: dict) -> str:
+    return f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"
+
+
+def tokenize_sft(rows: list[dict], tok: Tokenizer, template: str, system: str, eos_id: int,
+                 max_len: int) -> tuple[list[tuple[list[int], int]], int]:
+    """-> ([(ids, n_prompt)], n_dropped): completion and eos carry the loss, the prompt does not."""
+    out, dropped = [], 0
+    for r in rows:
+        p = tok.encode(format_prompt(r['question'], template, tok, system))
+        ids = p + tok.encode(completion_text(r)) + [eos_id]
+        if len(ids) > max_len:
+            dropped += 1
+            continue
+        out.append((ids, len(p)))
+    return out, dropped
+
+
+def step_indices(n: int, count: int, start: int, seed: int) -> list[int]:
+    """items start..start+count of an endless stream of seeded epoch permutations of range(n)."""
+    out, perm, epoch = [], None, -1
+    for pos in range(start, start + count):
+        if pos // n != epoch:
+            epoch = pos // n
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.append(perm[pos % n])
+    return out
+
+
+def collate_sft(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """right-padded -> ids (B, L), attn (B, L), loss mask (B, L-1) over the targets ids[:, 1:]."""
+    L = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(batch), L, dtype=torch.long)
+    mask = torch.zeros(len(batch), L - 1)
+    for i, (x, n_prompt) in enumerate(batch):
+        ids[i, :len(x)] = torch.tensor(x)
+        attn[i, :len(x)] = 1
+        mask[i, n_prompt - 1:len(x) - 1] = 1  # target j is ids[j + 1]: the completion and eos, never the prompt
+    return ids, attn, mask
+
+
+def collate_rl(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """left-padded prompts + right-padded completions -> ids (N, P+C), attn (N, P+C), completion mask (N, C)."""
+    P, C = max(map(len, prompts)), max(max(map(len, completions)), 1)
+    ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(prompts), P + C, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attn[i, P - len(p):P + len(c)] = 1
+    return ids, attn, attn[:, P:].float()
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def build_model(cfg: dict, tok: Tokenizer):
+    """a Qwen2-architecture model: random weights for 'scratch', else loaded from a hub name or local dir."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    dtype = DTYPES[cfg['master_dtype']]
+    if cfg['init_from'] == 'scratch':
+        mc = Qwen2Config(vocab_size=(tok.n_vocab + 63) // 64 * 64, hidden_size=cfg['n_embd'],
+                         intermediate_size=cfg['n_ff'], num_hidden_layers=cfg['n_layer'],
+                         num_attention_heads=cfg['n_head'], num_key_value_heads=cfg['n_kv_head'],
+                         max_position_embeddings=4096, tie_word_embeddings=True)
+        torch.manual_seed(cfg['seed'])  # identical init on every rank
+        return Qwen2ForCausalLM(mc).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(cfg['init_from'], dtype=dtype)
+
+
+def shard(model, mesh, param_dtype):
+    """FSDP2: one unit per decoder layer plus the root (embeddings and the tied lm_head share the root group)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class AdamW(torch.optim.Optimizer):
+    """adamw on (sharded) fp32 master weights with moments stored in state_dtype; the math runs in fp32."""
+
+    def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group['betas']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                w, g, st = local(p), local(p.grad).float(), self.state[p]
+                if not st:
+                    st['step'] = 0
+                    st['m'] = torch.zeros_like(w, dtype=self.state_dtype)
+                    st['v'] = torch.zeros_like(w, dtype=self.state_dtype)
+                st['step'] += 1
+                m = st['m'].float().lerp_(g, 1 - b1)
+                v = st['v'].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                st['m'].copy_(m), st['v'].copy_(v)
+                update = (m / (1 - b1 ** st['step'])) / ((v / (1 - b2 ** st['step'])).sqrt_() + group['eps'])
+                if group['weight_decay'] and w.dim() >= 2:
+                    update.add_(w.float(), alpha=group['weight_decay'])
+                w.copy_(w.float() - group['lr'] * update)  # rounds once to the master dtype
+
+
+def get_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
+    """linear warmup then cosine to min_lr at decay_iters (nanoGPT)."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# log-probs: fp32 log-softmax in chunks of positions, recomputed in backward, so only the logits stay alive
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, temperature: float = 1.0,
+                   chunk: int = 256, entropy: bool = False):
+    """log p(ids[:, -n_tail:]) under logits / temperature -> (B, n_tail) [, entropy (B, n_tail)]."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions from the mask: left padding is harmless
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                   logits_to_keep=n_tail + 1).logits[:, :-1]  # (B, n_tail, V), possibly bf16
+    targets = ids[:, -n_tail:]
+    out, ent = [], []
+    for s in range(0, n_tail, chunk):
+        lg, tg = logits[:, s:s + chunk], targets[:, s:s + chunk]
+        if torch.is_grad_enabled():
+            out.append(checkpoint(_chunk_logprobs, lg, tg, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(lg, tg, temperature))
+        if entropy:
+            with torch.no_grad():
+                lp = torch.log_softmax(lg.float() / temperature, -1)
+                ent.append(-(lp.exp() * lp).sum(-1))
+    lp = torch.cat(out, 1)
+    return (lp, torch.cat(ent, 1)) if entropy else lp
+
+
+# -----------------------------------------------------------------------------
+# rollout engine: prefill each prompt once, share its KV cache across its G samples, drop finished rows
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) fp32 -> tokens (N,), log-probs (N,) under logits / temperature (greedy: under logits)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        sp[(sp.cumsum(-1) - sp) > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
+             top_p: float, eos_ids: list[int], stop_strings: list[str], tok: Tokenizer, pad_id: int,
+             generator=None) -> dict:
+    """-> ids (N, T), mask (N, T), logprobs (N, T), truncated (N,), N = len(prompts) * n_samples.
+
+    row i * n_samples + j is sample j of prompt i; the stop token (eos or the end of a stop string) is kept
+    in the mask; rows that stop leave the batch, so they cost no more compute."""
+    from transformers import DynamicCache
+    dev = next(model.parameters()).device
+    B, P = len(prompts), max(map(len, prompts))
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
+    attn = torch.zeros(B, P, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=dev)
+        attn[i, P - len(p):] = 1
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    cache.batch_repeat_interleave(n_samples)
+    logits, attn = logits.repeat_interleave(n_samples, 0), attn.repeat_interleave(n_samples, 0)
+    N = B * n_samples
+    pos = attn.sum(-1)  # (n,) next position of each live row
+    out_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    out_lp = torch.zeros(N, max_new_tokens, device=dev)
+    lengths = torch.full((N,), max_new_tokens, dtype=torch.long)
+    rows = torch.arange(N, device=dev)  # output row of each live batch row
+    texts = [[] for _ in range(N)]
+    window = max([len(s.encode()) for s in stop_strings] + [1])  # a stop string spans at most this many tokens
+    eos = set(eos_ids)
+    for t in range(max_new_tokens):
+        logits[:, tok.n_vocab:] = -float('inf')  # embedding rows past the tokenizer are never sampled
+        nxt, lp = sample(logits, temperature, top_p, generator)
+        out_ids[rows, t], out_lp[rows, t] = nxt, lp
+        done = []
+        for k, (r, x) in enumerate(zip(rows.tolist(), nxt.tolist())):  # host sync: one per decode step
+            texts[r].append(x)
+            if x in eos or (stop_strings and any(s in tok.decode(texts[r][-window:]) for s in stop_strings)):
+                lengths[r] = t + 1
+                done.append(k)
+        if t == max_new_tokens - 1 or len(done) == len(rows):
+            break
+        if done:
+            keep = torch.tensor(sorted(set(range(len(rows))) - set(done)), device=dev)
+            cache.batch_select_indices(keep)
+            rows, nxt, attn, pos = rows[keep], nxt[keep], attn[keep], pos[keep]
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
+                       use_cache=True).logits[:, -1].float()
+        pos = pos + 1
+    mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).to(dev)
+    truncated = lengths.eq(max_new_tokens) & torch.tensor([not (r and (r[-1] in eos)) for r in texts])
+    for r in range(N):  # a row that stopped on its last allowed token is not truncated
+        if truncated[r] and stop_strings and any(s in tok.decode(texts[r][-window:]) for s in stop_strings):
+            truncated[r] = False
+    return {'ids': out_ids, 'mask': mask, 'logprobs': out_lp * mask, 'truncated': truncated}
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """gather FSDP2 weights once for a whole rollout phase (never per token); a no-op without FSDP.
+    no collective runs inside, so ranks whose rows stop at different lengths cannot hang."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+# -----------------------------------------------------------------------------
+# advantages and the policy loss
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, *, mode: str) -> torch.Tensor:
+    """rewards (B*G,) in group order -> advantages (B*G,): grpo/dapo (r - mean) / (std + 1e-4), dr_grpo r - mean."""
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    adv = r - r.mean(-1, keepdim=True)
+    if mode in ('grpo', 'dapo'):
+        adv = adv / (r.std(-1, keepdim=True) + 1e-4)  # sample std (N-1), as torch.std
+    return adv.view(-1)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                mode: str, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+                eps_high: float = 0.2, max_len: int | None = None, norm: float | None = None):
+    """clipped surrogate (+ grpo's k3 KL) -> (loss, stats). logprobs/old/ref/mask (B, T), advantages (B,).
+
+    norm is the step-wide denominator (all micro-batches, all ranks): grpo sequences, dr_grpo sequences x
+    max_len, dapo completion tokens. None computes it from this batch alone."""
+    mask = mask.float()
+    A = advantages[:, None]  # (B, 1)
+    ratio = torch.exp((logprobs - old_logprobs) * mask)  # masked before exp: padding cannot overflow
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    tok_loss = -torch.minimum(ratio * A, clipped * A)  # (B, T)
+    stats = {}
+    if mode == 'grpo' and beta:
+        d = ((ref_logprobs - logprobs) * mask).clamp(-20, 20)  # clamp the log-ratio before exp (kl blow-ups)
+        kl = torch.exp(d) - d - 1  # k3, >= 0
+        tok_loss = tok_loss + beta * kl
+        stats['kl'] = (kl * mask).sum().detach() / mask.sum().clamp(min=1)
+    tok_loss = tok_loss * mask
+    if mode == 'grpo':
+        loss = (tok_loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / (norm if norm is not None else mask.shape[0])
+    elif mode == 'dr_grpo':
+        assert max_len is not None or norm is not None, "dr_grpo needs max_len (or norm)"
+        loss = tok_loss.sum() / (norm if norm is not None else mask.shape[0] * max_len)
+    elif mode == 'dapo':
+        loss = tok_loss.sum() / (norm if norm is not None else mask.sum().clamp(min=1))
+    else:
+        raise ValueError(f"policy_loss: mode {mode!r} is not one of 'grpo', 'dr_grpo', 'dapo'")
+    n = mask.sum().clamp(min=1)
+    stats['clip_low'] = (((ratio < 1 - eps_low) & (A < 0)).float() * mask).sum().detach() / n
+    stats['clip_high'] = (((ratio > 1 + eps_high) & (A > 0)).float() * mask).sum().detach() / n
+    return loss, stats
+
+
+def shaped_rewards(texts: list[str], golds: list[str], lengths: list[int], truncated: list[bool], *, kind: str,
+                   max_new_tokens: int, penalty: float, buffer: int, factor: float, fmt: float) -> list[float]:
+    """verifiable reward plus the overlong shaping chosen by kind ('none' | 'fixed' | 'soft')."""
+    out = []
+    for text, gold, n, trunc in zip(texts, golds, lengths, truncated):
+        r = rewards.reward(text, gold, format_reward=fmt)
+        if kind == 'fixed':
+            r += rewards.truncation_penalty(text, trunc, penalty=penalty)
+        elif kind == 'soft':
+            r += rewards.overlong_penalty(n, max_new_tokens, buffer=buffer, factor=factor)
+        out.append(r)
+    return out
+
+
+def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
+    """dynamic sampling: indices of the first kept groups, at most target, a multiple of world (equal per rank)."""
+    idx = [i for i, k in enumerate(keep) if k][:target]
+    return idx[:len(idx) // world * world]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to ckpt_NNNNNN.tmp, renamed, then the out_dir/ckpt symlink is swapped atomically
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank: int, world: int):
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if world > 1:  # collective: every rank takes part
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    name = f'ckpt_{step:06d}'
+    tmp, final = os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if world > 1:
+        dist.barrier()
+    torch.save({'optimizer': optimizer.state_dict(), 'rng': torch.get_rng_state(), 'world_size': world},
+               os.path.join(tmp, f'train_state_rank{rank}.pt'))
+    if rank == 0:
+        if model.config.tie_word_embeddings:
+            sd.pop('lm_head.weight', None)
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, 'model.safetensors'),
+                  metadata={'format': 'pt'})
+        model.config.architectures = [model.config.architectures[0] if model.config.architectures
+                                      else 'Qwen2ForCausalLM']
+        model.config.save_pretrained(tmp)
+        tok.save(tmp)
+        with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
+            json.dump(state, f, indent=1)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        link = os.path.join(out_dir, 'ckpt')
+        os.symlink(name, link + '.new')
+        os.replace(link + '.new', link)  # atomic: ckpt names the old or the new checkpoint, never half of one
+        for d in os.listdir(out_dir):
+            if d.startswith('ckpt_') and d != name:
+                shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def load_train_state(ckpt: str, rank: int, world: int) -> tuple[dict, dict]:
+    with open(os.path.join(ckpt, 'train_state.json')) as f:
+        state = json.load(f)
+    path = os.path.join(ckpt, f'train_state_rank{rank}.pt')
+    if not os.path.isfile(path) or state['world_size'] != world:
+        raise SystemExit(f"resume: {ckpt} was written by {state['world_size']} ranks; run with the same world size")
+    return state, torch.load(path, weights_only=False)
+
+
+# -----------------------------------------------------------------------------
+# validation
+
+
+def validate(c: dict, world: int):
+    """one check per impossible setting, each naming the key, the value and what was expected."""
+    def need(ok, msg):
+        if not ok:
+            raise SystemExit(f"config error: {msg}")
+    need(c['mode'] in MODES, f"mode = {c['mode']!r}, expected one of {MODES}")
+    for k in ('master_dtype', 'optim_dtype'):
+        need(c[k] in DTYPES, f"{k} = {c[k]!r}, expected one of {tuple(DTYPES)}")
+    for k in ('max_iters', 'batch_size', 'micro_batch_size', 'group_size', 'max_new_tokens', 'num_iterations',
+              'max_gen_rounds', 'max_seq_len', 'logprob_chunk', 'ckpt_interval', 'log_interval'):
+        need(c[k] >= 1, f"{k} = {c[k]}, expected >= 1")
+    need(c['lr_decay_iters'] >= c['warmup_iters'] >= 0,
+         f"lr_decay_iters ({c['lr_decay_iters']}) must be >= warmup_iters ({c['warmup_iters']}) >= 0")
+    need(c['device'] in ('cpu', 'cuda') or c['device'].startswith('cuda:'), f"device = {c['device']!r}, expected 'cpu' or 'cuda'")
+    need(not c['device'].startswith('cuda') or torch.cuda.is_available(),
+         f"device = {c['device']!r} but no CUDA device is available (use --device=cpu)")
+    need(c['prompt_template'] in ('r1', 'chat') or '{question}' in c['prompt_template'],
+         f"prompt_template = {c['prompt_template']!r}, expected 'r1', 'chat' or a string containing '{{question}}'")
+    need(c['overlong'] in ('auto', 'none', 'fixed', 'soft'),
+         f"overlong = {c['overlong']!r}, expected 'auto', 'none', 'fixed' or 'soft'")
+    need(c['init_from'] != 'scratch' or (c['n_embd'] % c['n_head'] == 0 and c['n_head'] % c['n_kv_head'] == 0),
+         f"n_embd ({c['n_embd']}) must divide by n_head ({c['n_head']}), which must divide by n_kv_head ({c['n_kv_head']})")
+    if c['mode'] == 'sft':
+        need(c['batch_size'] % (world * c['micro_batch_size']) == 0,
+             f"batch_size ({c['batch_size']}) must be divisible by world_size x micro_batch_size "
+             f"({world}x{c['micro_batch_size']})")
+    else:
+        need(c['batch_size'] % world == 0, f"batch_size ({c['batch_size']} prompts) must be divisible by world_size ({world})")
+        need(c['group_size'] >= 2, f"group_size = {c['group_size']}, expected >= 2 (advantages are relative to the group)")
+        need(c['temperature'] > 0, f"temperature = {c['temperature']}, expected > 0 for rl sampling")
+        need(0 < c['top_p'] <= 1, f"top_p = {c['top_p']}, expected in (0, 1]")
+        need(0 <= c['eps_low'] < 1 and c['eps_high'] >= 0, f"eps_low ({c['eps_low']}) must be in [0, 1), eps_high ({c['eps_high']}) >= 0")
+        need(c['beta'] >= 0, f"beta = {c['beta']}, expected >= 0")
+        need(c['overlong'] != 'soft' or 0 < c['overlong_buffer'] <= c['max_new_tokens'],
+             f"overlong_buffer ({c['overlong_buffer']}) must be in 1..max_new_tokens ({c['max_new_tokens']}) with overlong='soft'")
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    import sys
+    from configurator import configure
+    configure(globals(), sys.argv[1:])
+    config = {k: globals()[k] for k in config_keys}
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    validate(config, world)
+    if eps_high == 0.0:
+        eps_high = config['eps_high'] = 0.28 if mode == 'dapo' else eps_low
+    if overlong == 'auto':
+        overlong = config['overlong'] = 'soft' if mode == 'dapo' else 'none'
+    master = rank == 0
+    if ddp:
+        from torch.distributed.device_mesh import init_device_mesh
+        if device.startswith('cuda'):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+        mesh = init_device_mesh('cuda' if device.startswith('cuda') else 'cpu', (world,))
+    cuda = device.startswith('cuda')
+    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+
+    # resume reads the model, tokenizer and counters from out_dir/ckpt; the run's settings come from argv
+    state, rstate = {'step': 0, 'data_pos': 0, 'init_from': init_from}, None
+    if init_from == 'resume':
+        ckpt_path = os.path.realpath(os.path.join(out_dir, 'ckpt'))
+        if not os.path.isdir(ckpt_path):
+            raise SystemExit(f"init_from = 'resume' but {out_dir}/ckpt does not exist")
+        state, rstate = load_train_state(ckpt_path, rank, world)
+        config['init_from'] = ckpt_path
+    tok = Tokenizer.bytes_level() if config['init_from'] == 'scratch' else Tokenizer.load(config['init_from'])
+    eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
+    model = build_model(config, tok)
+    pad_id = eos_id  # padding is never read: every mask comes from lengths, never from token values
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    param_dtype = torch.bfloat16 if cuda else None
+    if ddp:
+        model = shard(model, mesh, param_dtype)
+    model.to(device)
+    ref = None
+    if mode == 'grpo' and beta > 0:  # frozen, sharded like the policy, from the run's original init
+        ref_cfg = dict(config, init_from=state['init_from'], master_dtype='bf16' if cuda else 'fp32')
+        ref = build_model(ref_cfg, tok).requires_grad_(False).eval()
+        ref = (shard(ref, mesh, param_dtype) if ddp else ref).to(device)
+    autocast = torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()
+    optimizer = AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                      state_dtype=DTYPES[optim_dtype])
+    if rstate is not None:
+        optimizer.load_state_dict(rstate['optimizer'])
+        torch.set_rng_state(rstate['rng'])
+    step, data_pos = state['step'], state['data_pos']
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"mode {mode} | {n_params / 1e6:.2f}M params | world {world} | device {device} | master {master_dtype}"
+        f" | adam {optim_dtype} | init {config['init_from']}")
+
+    def all_sum(x: torch.Tensor) -> torch.Tensor:
+        if ddp:
+            dist.all_reduce(x)
+        return x
+
+    # data: the whole global batch is chosen by (seed, data_pos); each rank takes its contiguous slice
+    rows = load_rows(config, split)
+    if mode == 'sft':
+        examples, dropped = tokenize_sft(rows, tok, prompt_template, system_prompt, eos_id, max_seq_len)
+        log(f"data: {len(examples)} sft examples from {dataset} ({dropped} dropped: longer than max_seq_len {max_seq_len})")
+        if not examples:
+            raise SystemExit(f"no sft example fits max_seq_len = {max_seq_len}")
+    else:
+        prompts = [tok.encode(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
+        log(f"data: {len(prompts)} rl prompts from {dataset}")
+    eos_ids = [eos_id]
+
+    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    t_last = time.time()
+    while step < max_iters:
+        lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        m = {}
+        # ---- hot part of the loop ----
+        if mode == 'sft':
+            per_rank = batch_size // world
+            idx = step_indices(len(examples), batch_size, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
+            data_pos += batch_size
+            micro = [collate_sft([examples[i] for i in idx[s:s + micro_batch_size]], pad_id)
+                     for s in range(0, per_rank, micro_batch_size)]
+            norm = all_sum(sum(mk.sum() for _, _, mk in micro).to(device))  # global loss-token count, once
+            loss_sum = torch.zeros((), device=device)
+            for k, (ids, attn, mk) in enumerate(micro):
+                if ddp:
+                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
+                with nvtx.annotate('forward'), autocast:
+                    lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk)
+                    loss = -(lp * mk).sum() / norm
+                with nvtx.annotate('backward'):
+                    (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                loss_sum += loss.detach()
+            m['loss'] = all_sum(loss_sum)
+            m['tokens'] = all_sum(sum(a.sum() for _, a, _ in micro).to(device))
+        else:
+            per_rank = batch_size // world
+            t0 = time.time()
+            groups, rounds, kept_total, seen_total = [], 0, 0, 0
+            # generation rounds: dapo keeps generating until batch_size non-constant groups (or max_gen_rounds)
+            while True:
+                idx = step_indices(len(prompts), batch_size, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
+                data_pos += batch_size
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rounds * 101 + rank)
+                model.eval()
+                with nvtx.annotate('rollout_generation'), gathered(model), autocast:
+                    out = generate(model, [prompts[i] for i in idx], n_samples=group_size,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   eos_ids=eos_ids, stop_strings=stop_strings, tok=tok, pad_id=pad_id, generator=gen)
+                model.train()
+                rounds += 1
+                t1 = time.time()
+                with nvtx.annotate('reward_computation'):
+                    lens = out['mask'].sum(-1).tolist()  # host sync
+                    comp = [out['ids'][i, :n].tolist() for i, n in enumerate(lens)]
+                    texts = [tok.decode([x for x in c if x not in eos_ids]) for c in comp]
+                    golds = [rows[i]['answer'] for i in idx for _ in range(group_size)]
+                    trunc = out['truncated'].tolist()
+                    rew = shaped_rewards(texts, golds, lens, trunc, kind=overlong, max_new_tokens=max_new_tokens,
+                                         penalty=overlong_penalty, buffer=overlong_buffer, factor=overlong_factor,
+                                         fmt=format_reward)
+                    correct = [rewards.is_correct(rewards.extract_answer(t), g) for t, g in zip(texts, golds)]
+                for j, i in enumerate(idx):
+                    s = slice(j * group_size, (j + 1) * group_size)
+                    groups.append({'prompt': prompts[i], 'comps': comp[s], 'rewards': rew[s], 'trunc': trunc[s],
+                                   'correct': correct[s]})
+                m['t_reward'] = m.get('t_reward', 0) + time.time() - t1
+                if mode != 'dapo' or not dynamic_sampling:
+                    break
+                # dynamic sampling: every rank sees every group, so all agree on what is kept (no hang)
+                every = [None] * world
+                if ddp:
+                    dist.all_gather_object(every, groups)
+                else:
+                    every = [groups]
+                pool = [g for r in range(world) for g in every[r]]  # round-robin order is irrelevant: all ranks agree
+                keep = [max(g['rewards']) - min(g['rewards']) > 1e-6 for g in pool]  # exact test, not std > 0
+                if sum(keep) >= batch_size or rounds >= max_gen_rounds:
+                    sel = select_groups(keep, batch_size, world)
+                    seen_total, kept_total = len(pool), sum(keep)
+                    share = len(sel) // world
+                    all_groups = pool
+                    groups = [pool[i] for i in sel[rank * share:(rank + 1) * share]]
+                    break
+            m['t_rollout'] = time.time() - t0 - m['t_reward']
+            if mode == 'dapo' and dynamic_sampling:
+                m['gen_rounds'], m['kept_groups'] = rounds, len(groups) * world
+                m['zero_std_frac'] = 1 - kept_total / max(seen_total, 1)
+                stat_groups = all_groups  # reward statistics over everything generated this step
+            else:
+                stat_groups = groups
+            # statistics over all ranks, from what was generated
+            flat = lambda key: [x for g in stat_groups for x in g[key]]
+            rl, cl = torch.tensor(flat('rewards')), [len(c) for g in stat_groups for c in g['comps']]
+            sums = torch.tensor([rl.sum(), (rl ** 2).sum(), len(rl), sum(cl), sum(flat('trunc')), sum(flat('correct')),
+                                 sum(max(g['rewards']) - min(g['rewards']) <= 1e-6 for g in stat_groups), len(stat_groups)],
+                                dtype=torch.float64)
+            if ddp and not (mode == 'dapo' and dynamic_sampling):  # dapo's pool is already global
+                dist.all_reduce(sums)
+            mx = torch.tensor([float(max(cl))])
+            if ddp and not (mode == 'dapo' and dynamic_sampling):
+                dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            n = sums[2]
+            m.update(reward_mean=sums[0] / n, reward_std=(sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt(),
+                     accuracy=sums[5] / n, len_mean=sums[3] / n, len_max=mx[0], truncated_frac=sums[4] / n)
+            m.setdefault('zero_std_frac', sums[6] / sums[7])
+            if not groups:  # dapo found no signal in max_gen_rounds: skip the update on every rank alike
+                log(f"step {step + 1}: no group with distinct rewards after {rounds} rounds; update skipped")
+                step += 1
+                continue
+            # tensors for the update: micro-batches of whole sequences, advantages per group
+            t2 = time.time()
+            seq_p = [g['prompt'] for g in groups for _ in g['comps']]
+            seq_c = [c for g in groups for c in g['comps']]
+            adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
+            micro = []
+            for s in range(0, len(seq_c), micro_batch_size):
+                ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
+                micro.append([ids.to(device), attn.to(device), cm.to(device), adv[s:s + micro_batch_size].to(device)])
+            n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
+            n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
+            norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
+            with torch.no_grad(), nvtx.annotate('old_logprobs'), autocast:
+                ent_sum = torch.zeros((), device=device)
+                for mb in micro:
+                    old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, entropy=True)
+                    ent_sum += (ent * mb[2]).sum()
+                    mb.append(old)
+                    mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk)
+                              if ref is not None else None)
+            m['entropy'] = all_sum(ent_sum) / n_tok
+            m['t_logprobs'] = time.time() - t2
+            t3 = time.time()
+            for it in range(num_iterations):
+                if it > 0:
+                    if grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum, st_sum = torch.zeros((), device=device), {}
+                for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
+                    if ddp:
+                        model.set_requires_gradient_sync(k == len(micro) - 1)
+                    with nvtx.annotate('policy_loss_backward'), autocast:
+                        lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk)
+                        loss, st = policy_loss(lp, old, a, cm, mode=mode, ref_logprobs=rlp, beta=beta,
+                                               eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
+                    (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                    loss_sum += loss.detach()
+                    w = cm.sum()
+                    for key, v in st.items():  # token-weighted across micro-batches
+                        st_sum[key] = st_sum.get(key, 0) + v * w
+            m['loss'] = all_sum(loss_sum)
+            for key, v in st_sum.items():
+                m[key] = all_sum(v) / n_tok
+            m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
+            m['t_update'] = time.time() - t3
+        with nvtx.annotate('optimizer_step'):
+            if grad_clip > 0:
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # ---- end of the hot part ----
+        step += 1
+        dt = time.time() - t_last
+        t_last = time.time()
+        m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}  # host sync: logging
+        m.update(step=step, lr=lr, time_ms=dt * 1000)
+        if master:
+            with open(metrics_path, 'a') as f:
+                f.write(json.dumps(m) + '\n')
+            if step % log_interval == 0 or step == max_iters:
+                extra = '' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
+                                                   f"len {m['len_mean']:.0f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
+                                                   + (f" | kl {m['kl']:.4f}" if 'kl' in m else '')
+                                                   + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else ''))
+                print(f"step {step}/{max_iters} | loss {m['loss']:.4f}{extra} | lr {lr:.1e} | {dt * 1000:.0f} ms",
+                      flush=True)
+        if step % ckpt_interval == 0 or step == max_iters:
+            state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
+                     'config': config}
+            save_checkpoint(out_dir, step, model, optimizer, tok, state, rank, world)
+    if ddp:
+        dist.destroy_process_group()
