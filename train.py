@@ -370,11 +370,14 @@ def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 
 
 def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, temperature: float = 1.0,
-                   chunk: int = 256, entropy: bool = False):
-    """log p(ids[:, -n_tail:]) under logits / temperature -> (B, n_tail) [, entropy (B, n_tail)]."""
+                   chunk: int = 256, entropy: bool = False, vocab: int | None = None):
+    """log p(ids[:, -n_tail:]) under logits[..., :vocab] / temperature -> (B, n_tail) [, entropy (B, n_tail)].
+
+    vocab is the tokenizer's size: the sampler never draws the padded embedding rows past it, so neither may
+    the trainer's distribution include them."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions from the mask: left padding is harmless
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                   logits_to_keep=n_tail + 1).logits[:, :-1]  # (B, n_tail, V), possibly bf16
+                   logits_to_keep=n_tail + 1).logits[:, :-1, :vocab]  # (B, n_tail, V), possibly bf16
     targets = ids[:, -n_tail:]
     out, ent = [], []
     for s in range(0, n_tail, chunk):
@@ -746,7 +749,7 @@ if __name__ == "__main__":
                     model.set_requires_gradient_sync(k == len(micro) - 1)
                 ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
                 with nvtx.annotate('forward'), autocast:
-                    lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk)
+                    lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
                     loss = -(lp * mk).sum() / norm
                 with nvtx.annotate('backward'):
                     (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
@@ -843,10 +846,11 @@ if __name__ == "__main__":
             with torch.no_grad(), nvtx.annotate('old_logprobs'), autocast:
                 ent_sum = torch.zeros((), device=device)
                 for mb in micro:
-                    old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, entropy=True)
+                    old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, entropy=True,
+                                                   vocab=tok.n_vocab)
                     ent_sum += (ent * mb[2]).sum()
                     mb.append(old)
-                    mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk)
+                    mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
                               if ref is not None else None)
             m['entropy'] = all_sum(ent_sum) / n_tok
             m['t_logprobs'] = time.time() - t2
@@ -862,7 +866,7 @@ if __name__ == "__main__":
                     if ddp:
                         model.set_requires_gradient_sync(k == len(micro) - 1)
                     with nvtx.annotate('policy_loss_backward'), autocast:
-                        lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk)
+                        lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
                         loss, st = policy_loss(lp, old, a, cm, mode=mode, ref_logprobs=rlp, beta=beta,
                                                eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
                     (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
