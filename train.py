@@ -656,14 +656,12 @@ if __name__ == "__main__":
     import sys
     from configurator import configure
     configure(globals(), sys.argv[1:])
+    eps_high = eps_high or (0.28 if mode == 'dapo' else eps_low)  # 0: the mode's default
+    overlong = {'auto': 'soft' if mode == 'dapo' else 'none'}.get(overlong, overlong)
     config = {k: globals()[k] for k in config_keys}
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
     validate(config, world)
-    if eps_high == 0.0:
-        eps_high = config['eps_high'] = 0.28 if mode == 'dapo' else eps_low
-    if overlong == 'auto':
-        overlong = config['overlong'] = 'soft' if mode == 'dapo' else 'none'
     master = rank == 0
     if ddp:
         from torch.distributed.device_mesh import init_device_mesh
