@@ -20,10 +20,10 @@ def _fail(source: str, msg: str):
     raise SystemExit(f"config error ({source}): {msg}")
 
 
-def _unknown(source: str, key: str, known) -> None:
+def _unknown(source: str, key: str, value, known) -> None:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    _fail(source, f"unknown setting '{key}'{hint}")
+    _fail(source, f"unknown setting '{key}' (value {value!r}){hint}")
 
 
 def check_value(source: str, key: str, value, default):
@@ -74,14 +74,14 @@ def configure(config: dict, argv: list[str]) -> dict:
                 if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if key not in config:
-                    _unknown(arg, key, config)
+                    _unknown(arg, key, value, config)
                 changed[key] = config[key] = check_value(arg, key, value, config[key])
         else:
             if '=' not in arg:
                 _fail('argv', f"'{arg}' must look like --key=value")
             key, raw = arg[2:].split('=', 1)
             if key not in config:
-                _unknown('argv', key, config)
+                _unknown('argv', key, raw, config)
             changed[key] = config[key] = parse_override('argv', key, raw, config[key])
     if int(os.environ.get('RANK', '0')) == 0:
         for key, value in changed.items():

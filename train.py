@@ -566,10 +566,9 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    name = f'ckpt_{step:06d}'
-    tmp, final = os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, 'ckpt.tmp')
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
@@ -589,13 +588,17 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
     if world > 1:
         dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        name = f'ckpt_{step:06d}'
+        while os.path.exists(os.path.join(out_dir, name)):  # never overwrite what ckpt may point at
+            name += '+'
+        os.rename(tmp, os.path.join(out_dir, name))
         link = os.path.join(out_dir, 'ckpt')
+        if os.path.lexists(link + '.new'):
+            os.remove(link + '.new')
         os.symlink(name, link + '.new')
         os.replace(link + '.new', link)  # atomic: ckpt names the old or the new checkpoint, never half of one
         for d in os.listdir(out_dir):
-            if d.startswith('ckpt_') and d != name:
+            if d.startswith('ckpt_') and d != name:  # only after the link moved
                 shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
     if world > 1:
         dist.barrier()
@@ -727,6 +730,10 @@ if __name__ == "__main__":
     eos_ids = [eos_id]
 
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    if master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo
+        old = open(metrics_path).readlines() if init_from == 'resume' and os.path.exists(metrics_path) else []
+        with open(metrics_path, 'w') as f:
+            f.writelines(l for l in old if json.loads(l)['step'] <= step)
     t_last = time.time()
     while step < max_iters:
         lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters)

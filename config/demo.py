@@ -26,7 +26,7 @@ ckpt_interval = 100000
 log_interval = 50
 device = 'cpu'
 activation_checkpointing = False
-# rl stage (demo.py passes --mode and --init_from): 16 prompts x 8 samples per step
+# generation (used by the rl stage and eval)
 group_size = 8
 max_new_tokens = 64
 overlong_buffer = 16

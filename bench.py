@@ -1,0 +1,143 @@
+"""bench.py: rollout tokens/s against model.generate, and training-step throughput, MFU and peak memory.
+
+    python bench.py                                   # tiny scratch model on CPU
+    python bench.py --preset qwen3b --device cuda     # random-weight Qwen2.5-3B-shaped model, real sizes
+
+Every speed is printed next to a baseline measured in the same process (these machines are shared and noisy):
+our engine vs `model.generate` on the same model and prompts, each timed best of --repeats.
+"""
+import argparse
+import time
+
+import torch
+
+import train
+
+PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2), random weights
+    'tiny': dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ff=512, vocab=None),
+    'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936),
+}
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16
+
+
+def build(preset: str, device: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    p, tok = PRESETS[preset], train.Tokenizer.bytes_level()
+    mc = Qwen2Config(vocab_size=p['vocab'] or 320, hidden_size=p['n_embd'], intermediate_size=p['n_ff'],
+                     num_hidden_layers=p['n_layer'], num_attention_heads=p['n_head'],
+                     num_key_value_heads=p['n_kv_head'], max_position_embeddings=8192, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32
+    with torch.device(device):
+        model = Qwen2ForCausalLM(mc).to(dtype)
+    return model.eval(), tok
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    best = float('inf')
+    for _ in range(repeats):
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_rollout(model, tok, args) -> dict:
+    """same prompts, same number of new tokens (no early stop), sampled at T=1, G samples per prompt."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    n_tok = args.prompts * args.group_size * args.new_tokens
+
+    def ours():
+        train.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens, temperature=1.0,
+                       top_p=1.0, eos_ids=[], stop_strings=[], tok=tok, pad_id=0,
+                       generator=torch.Generator(device=args.device).manual_seed(0))
+
+    ids = torch.tensor(prompts, device=args.device)
+
+    def hf():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
+                       top_k=0, num_return_sequences=args.group_size, max_new_tokens=args.new_tokens,
+                       min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+
+    t_ours, t_hf = timed(ours, args.repeats, args.device), timed(hf, args.repeats, args.device)
+    return {'engine_tok_s': n_tok / t_ours, 'generate_tok_s': n_tok / t_hf, 'speedup': t_hf / t_ours}
+
+
+def bench_train(model, tok, args) -> dict:
+    """one sft-style step (forward, backward, optimizer) at micro_batch x seq_len; tokens/s, mfu, breakdown."""
+    model.train()
+    if args.device.startswith('cuda'):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        model.float()  # fp32 master weights under bf16 autocast, as train.py on one GPU
+    opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0,
+                      state_dtype=torch.bfloat16)
+    B, T = args.micro_batch, args.seq_len
+    ids = torch.randint(0, min(tok.n_vocab, 256), (B, T), device=args.device)
+    attn = torch.ones_like(ids)
+    autocast = torch.autocast('cuda', torch.bfloat16) if args.device.startswith('cuda') else torch.autocast('cpu', enabled=False)
+    times = {}
+
+    def step():
+        sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
+        t0 = time.perf_counter()
+        with autocast:
+            loss = -train.token_logprobs(model, ids, attn, T - 1, 1.0, 256, vocab=tok.n_vocab).mean()
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
+
+    step()  # warm-up (allocator, optimizer state)
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    dt = timed(step, args.repeats, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = 6 * n_params * B * T + 12 * model.config.num_hidden_layers * model.config.hidden_size * B * T * T
+    if args.device.startswith('cuda'):
+        flops *= 4 / 3  # activation checkpointing recomputes the forward
+    out = {'train_tok_s': B * T / dt, 'step_ms': dt * 1000, **{f'{k}_ms': v * 1000 for k, v in times.items()}}
+    if args.device.startswith('cuda'):
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        out['mfu'] = flops / dt / peak if peak else float('nan')
+        out['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--preset', default='tiny', choices=list(PRESETS))
+    ap.add_argument('--device', default='cpu')
+    ap.add_argument('--prompts', type=int, default=8)
+    ap.add_argument('--group_size', type=int, default=8)
+    ap.add_argument('--prompt_len', type=int, default=64)
+    ap.add_argument('--new_tokens', type=int, default=64)
+    ap.add_argument('--micro_batch', type=int, default=4)
+    ap.add_argument('--seq_len', type=int, default=256)
+    ap.add_argument('--repeats', type=int, default=3)
+    ap.add_argument('--skip', default='', help="'rollout' or 'train' to skip one part")
+    args = ap.parse_args()
+    model, tok = build(args.preset, args.device)
+    dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'cpu x{torch.get_num_threads()} threads'
+    print(f"bench: preset {args.preset} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {dev}")
+    if args.skip != 'rollout':
+        r = bench_rollout(model, tok, args)
+        print(f"rollout ({args.prompts} prompts x {args.group_size} samples x {args.new_tokens} new tokens): "
+              f"engine {r['engine_tok_s']:.0f} tok/s | model.generate {r['generate_tok_s']:.0f} tok/s | "
+              f"ratio {r['speedup']:.2f}x")
+    if args.skip != 'train':
+        r = bench_train(model, tok, args)
+        print(f"train step ({args.micro_batch} x {args.seq_len} tokens): {r['train_tok_s']:.0f} tok/s | "
+              f"{r['step_ms']:.0f} ms (forward {r['forward_ms']:.0f}, backward {r['backward_ms']:.0f}, "
+              f"optimizer {r['optimizer_ms']:.0f})" + (f" | mfu {100 * r['mfu']:.1f}% | peak {r['peak_mem_gb']:.1f} GiB"
+                                                      if 'mfu' in r else ''))

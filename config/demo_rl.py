@@ -1,0 +1,15 @@
+# the demo's rl stage: the task and model of config/demo.py, then 16 prompts x 8 samples per step.
+#   python train.py config/demo_rl.py --init_from=out-demo/sft/ckpt            (dapo)
+#   python train.py config/demo_rl.py --init_from=out-demo/sft/ckpt --mode=grpo
+exec(open('config/demo.py').read())
+out_dir = 'out-demo/rl'
+mode = 'dapo'
+max_iters = 60
+lr_decay_iters = 60
+warmup_iters = 2
+learning_rate = 2e-4
+min_lr = 2e-4
+weight_decay = 0.0
+batch_size = 16
+micro_batch_size = 64
+log_interval = 5
