@@ -1,0 +1,217 @@
+"""1 vs 2 ranks, resume equals uninterrupted, atomic checkpoints, Hugging Face checkpoint format.
+
+The training runs share four fixtures (each a few seconds of 2-core CPU), all with a global batch of 16:
+  a:  1 rank, 4 micro-batches of 4, 6 steps, a checkpoint every 3 steps (the uninterrupted reference)
+  b1: as a, but 3 steps, then --init_from=resume to 6 steps
+  b2: as b1 on 2 ranks (torchrun, gloo, FSDP2): 2 micro-batches of 4 per rank
+  c:  1 rank, one micro-batch of 16, 3 steps
+"""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import train
+
+ARGS = ['config/tiny.py', '--ckpt_interval=3', '--batch_size=16', '--micro_batch_size=4']  # lr_decay_iters from the
+# config (60), not max_iters, so every leg follows one schedule
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same(got, want, rel, what):
+    assert [m['step'] for m in got] == [m['step'] for m in want], what
+    for g, w in zip(got, want):
+        assert math.isclose(g['loss'], w['loss'], rel_tol=rel), f"{what}: step {w['step']} {g['loss']} vs {w['loss']}"
+        assert g['tokens'] == w['tokens'] and g['lr'] == w['lr'], (what, g, w)
+
+
+@pytest.fixture(scope='module')
+def run_a(run_train, tmp_path_factory):
+    out = tmp_path_factory.mktemp('a')
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6'])
+    return out
+
+
+def interrupted(run_train, out, nproc):
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=3'], nproc=nproc)
+    shutil.copytree(os.path.realpath(out / 'ckpt'), out / 'leg1_ckpt')  # step 3, before resume replaces it
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume'], nproc=nproc)
+    return out
+
+
+@pytest.fixture(scope='module')
+def run_b1(run_train, tmp_path_factory):
+    return interrupted(run_train, tmp_path_factory.mktemp('b1'), 1)
+
+
+@pytest.fixture(scope='module')
+def run_b2(run_train, tmp_path_factory):
+    return interrupted(run_train, tmp_path_factory.mktemp('b2'), 2)
+
+
+@pytest.fixture(scope='module')
+def run_c(run_train, tmp_path_factory):
+    out = tmp_path_factory.mktemp('c')
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=3', '--micro_batch_size=16'])
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_one_vs_four_micro_batches_same_losses(run_a, run_c):
+    a, c = metrics(run_a), metrics(run_c)
+    assert_same(c, a[:3], 1e-5, 'one micro-batch of 16 vs four of 4')
+    assert c[-1]['loss'] < c[0]['loss'], "three steps at lr up to 1.5e-3 lower the loss"
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(run_a, run_b1):
+    a, b = metrics(run_a), metrics(run_b1)
+    assert [m['step'] for m in b] == [1, 2, 3, 4, 5, 6], "the resumed leg continues the step count"
+    assert_same(b, a, 1e-6, '1 rank, resumed at step 3')
+    state = json.load(open(run_b1 / 'ckpt' / 'train_state.json'))
+    assert state['step'] == 6 and state['data_pos'] == 6 * 16
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(run_a, run_b2):
+    # the global batch does not depend on the world size: same examples, same all-reduced loss
+    a, b = metrics(run_a), metrics(run_b2)
+    assert_same(b[:3], a[:3], 1e-5, '2 ranks vs 1 rank, steps 1-3')
+    assert_same(b[3:], a[3:], 1e-5, '2 ranks resumed at step 3 vs 1 rank uninterrupted, steps 4-6')
+    assert json.load(open(run_b2 / 'ckpt' / 'train_state.json'))['world_size'] == 2
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_is_refused(run_train, run_b2, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(run_b2 / 'leg1_ckpt', out / 'ckpt_000003')
+    os.symlink('ckpt_000003', out / 'ckpt')
+    p = run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume'], check=False)
+    assert p.returncode != 0 and 'same world size' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# the checkpoint is a Hugging Face model directory
+
+
+@pytest.mark.slow
+def test_checkpoint_is_hugging_face_format(run_a, run_b1):
+    from transformers import AutoModelForCausalLM
+    ckpt = str(run_b1 / 'leg1_ckpt')  # the weights after step 3
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.model_type == 'qwen2' and model.config.architectures == ['Qwen2ForCausalLM']
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tok = train.Tokenizer.load(ckpt)
+    text = '7 + 5 = ?\n<think>7 + 5 = 12</think><answer>12</answer><|endoftext|>'
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    for s in train.SPECIALS:
+        assert len(tok.encode(s)) == 1 and tok.encode(s)[0] in ids
+    # step 4's loss, recomputed from the step-3 checkpoint on step 4's batch, is what the run logged
+    state = json.load(open(os.path.join(ckpt, 'train_state.json')))
+    cfg = state['config']
+    assert state['step'] == 3 and state['data_pos'] == 3 * cfg['batch_size']
+    rows = train.load_rows(cfg, cfg['split'])
+    eos = tok.token_id('<|endoftext|>')
+    examples, _ = train.tokenize_sft(rows, tok, cfg['prompt_template'], cfg['system_prompt'], eos, cfg['max_seq_len'])
+    idx = train.step_indices(len(examples), cfg['batch_size'], state['data_pos'], cfg['seed'])
+    ids, attn, mask = train.collate_sft([examples[i] for i in idx], eos)
+    with torch.no_grad():
+        lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
+    loss = (-(lp * mask).sum() / mask.sum()).item()
+    logged = metrics(run_a)[3]
+    assert logged['step'] == 4 and math.isclose(loss, logged['loss'], rel_tol=1e-5), (loss, logged)
+
+
+# -----------------------------------------------------------------------------
+# atomic save: a crash while writing the next checkpoint leaves out_dir/ckpt at the previous one
+
+
+@pytest.fixture
+def tiny():
+    tok = train.Tokenizer.bytes_level()
+    cfg = dict(init_from='scratch', n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_ff=64, master_dtype='fp32', seed=0)
+    model = train.build_model(cfg, tok)
+    opt = train.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.float32)
+    return model, opt, tok
+
+
+def step_and_save(out_dir, step, model, opt, tok):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * step)  # a recognisable change per step
+    train.save_checkpoint(str(out_dir), step, model, opt, tok, {'step': step}, rank=0, world=1)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_loads_as(ckpt, weights, step):
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    assert set(loaded) == set(weights)
+    for k, v in weights.items():
+        assert torch.equal(loaded[k], v), k
+    assert json.load(open(os.path.join(ckpt, 'train_state.json')))['step'] == step
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    import safetensors.torch
+    model, opt, tok = tiny
+    w1 = step_and_save(tmp_path, 1, model, opt, tok)
+    assert os.path.realpath(tmp_path / 'ckpt') == str(tmp_path / 'ckpt_000001')
+
+    real = safetensors.torch.save_file
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'\x00' * 100)  # half a file, then the process dies
+        raise KeyboardInterrupt('killed mid-save')
+    monkeypatch.setattr(safetensors.torch, 'save_file', crash)
+    with pytest.raises(KeyboardInterrupt):
+        step_and_save(tmp_path, 2, model, opt, tok)
+    assert os.path.realpath(tmp_path / 'ckpt') == str(tmp_path / 'ckpt_000001')
+    assert_loads_as(str(tmp_path / 'ckpt'), w1, 1)
+    assert not (tmp_path / 'ckpt_000002').exists()
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', real)
+    w3 = step_and_save(tmp_path, 3, model, opt, tok)
+    assert os.path.realpath(tmp_path / 'ckpt') == str(tmp_path / 'ckpt_000003')
+    assert_loads_as(str(tmp_path / 'ckpt'), w3, 3)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt', 'ckpt_000003'], "old and half-written checkpoints are removed"
+
+
+def test_crash_while_resaving_the_same_step_keeps_a_checkpoint(tiny, tmp_path, monkeypatch):
+    # e.g. `python train.py config/tiny.py` run twice into the same out_dir: the second run saves step 60 again.
+    # killed between deleting the old ckpt_000060 and renaming the new one, out_dir/ckpt must still load.
+    model, opt, tok = tiny
+    w1 = step_and_save(tmp_path, 1, model, opt, tok)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt('killed mid-save')
+    with monkeypatch.context() as mp:
+        mp.setattr(train.os, 'rename', killed)
+        with pytest.raises(KeyboardInterrupt):
+            step_and_save(tmp_path, 1, model, opt, tok)
+    ckpt = os.path.realpath(tmp_path / 'ckpt')
+    assert os.path.isdir(ckpt), f"out_dir/ckpt -> {os.readlink(tmp_path / 'ckpt')}, which no longer exists"
+    assert_loads_as(ckpt, w1, 1)
+
+
+def test_normal_save_moves_ckpt_and_removes_old(tiny, tmp_path):
+    model, opt, tok = tiny
+    step_and_save(tmp_path, 1, model, opt, tok)
+    w2 = step_and_save(tmp_path, 2, model, opt, tok)
+    assert os.path.islink(tmp_path / 'ckpt') and os.readlink(tmp_path / 'ckpt') == 'ckpt_000002'  # relative: movable
+    assert sorted(os.listdir(tmp_path)) == ['ckpt', 'ckpt_000002']
+    assert_loads_as(str(tmp_path / 'ckpt'), w2, 2)
+    rs = torch.load(tmp_path / 'ckpt' / 'train_state_rank0.pt', weights_only=False)
+    assert rs['world_size'] == 1 and rs['optimizer']['param_groups'][0]['lr'] == 1e-3

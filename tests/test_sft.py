@@ -1,0 +1,253 @@
+"""SFT pieces of train.py: import hygiene, loss masking, GSM8K conversion, micro-batching, LR schedule, bf16 updates."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(init_from='scratch', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_ff=256, master_dtype='fp32', seed=0)
+
+
+@pytest.fixture(scope='module')
+def tok():
+    return train.Tokenizer.bytes_level()
+
+
+@pytest.fixture(scope='module')
+def examples(tok):
+    rows = train.arith_problems(40, 'train', seed=0, terms=3, digits=2)
+    eos = tok.token_id('<|endoftext|>')
+    ex, dropped = train.tokenize_sft(rows, tok, '{question}\n', '', eos, max_len=128)
+    assert dropped == 0 and len(ex) == 40
+    return ex
+
+
+# -----------------------------------------------------------------------------
+# import train touches nothing
+
+
+def test_import_train_has_no_side_effects(tmp_path):
+    code = ("import sys; sys.argv = ['x', '--bogus=1']\n"
+            "import train, torch.distributed as dist\n"
+            "assert not dist.is_initialized(), 'import train initialized a process group'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr  # an unknown --bogus would have exited had argv been parsed
+    assert p.stdout == '', f"import train printed {p.stdout!r}"
+    assert os.listdir(tmp_path) == [], f"import train created {os.listdir(tmp_path)}"
+
+
+# -----------------------------------------------------------------------------
+# masking: the prompt carries no loss, the completion and end of text do
+
+
+def test_sft_mask_positions(tok):
+    rows = [{'question': '12 + 3 = ?', 'reasoning': '12 + 3 = 15', 'answer': '15'},
+            {'question': '7 - 9 = ?', 'reasoning': '7 - 9 = -2', 'answer': '-2'}]
+    eos = tok.token_id('<|endoftext|>')
+    ex, _ = train.tokenize_sft(rows, tok, 'Q: {question}\nA: ', '', eos, max_len=128)
+    for (ids, n_prompt), r in zip(ex, rows):
+        prompt = f"Q: {r['question']}\nA: "  # the byte tokenizer: one token per byte, one per special
+        completion = f"<think>{r['reasoning']}</think><answer>{r['answer']}</answer>"
+        assert n_prompt == len(prompt.encode())
+        n_specials_bytes = len('<think></think><answer></answer>')  # 4 special tokens in the completion
+        assert len(ids) == n_prompt + len(completion.encode()) - n_specials_bytes + 4 + 1
+        assert ids[-1] == eos and tok.decode(ids[n_prompt:-1]) == completion
+    pad = 999
+    ids, attn, mask = train.collate_sft(ex, pad)
+    L = max(len(x) for x, _ in ex)
+    assert ids.shape == (2, L) and mask.shape == (2, L - 1)
+    for i, (x, n_prompt) in enumerate(ex):
+        # target j is ids[j + 1]: loss on targets n_prompt .. len(x) - 1 (eos last), nowhere else
+        want = torch.zeros(L - 1)
+        want[n_prompt - 1:len(x) - 1] = 1
+        assert torch.equal(mask[i], want)
+        targets = ids[i, 1:]
+        assert targets[mask[i] == 1][0].item() == tok.token_id('<think>')
+        assert targets[mask[i] == 1][-1].item() == eos
+        assert mask[i].sum().item() == len(x) - n_prompt
+        assert attn[i].sum().item() == len(x) and (ids[i, len(x):] == pad).all()
+
+
+def test_prompt_and_padding_get_zero_gradient(tok, examples):
+    model = train.build_model(TINY, tok)
+    batch = examples[:4]
+    ids, attn, mask = train.collate_sft(batch, pad_id=0)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1, :tok.n_vocab].detach().requires_grad_(True)
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
+    (-(lp * mask).sum() / mask.sum()).backward()
+    g = logits.grad.abs().sum(-1)  # (B, L-1)
+    assert (g[mask == 0] == 0).all(), "a prompt or padding position receives gradient"
+    assert (g[mask == 1] > 0).all(), "a completion or eos position receives no gradient"
+    # and the trainer's own log-prob function agrees with the reference on the masked positions
+    lp_train = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
+    assert torch.allclose((lp_train * mask).sum(), (lp * mask).sum(), rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# gsm8k conversion (two real rows of openai/grade-school-math test.jsonl, lines 147 and 655)
+
+GSM8K = [
+    {"question": "Johnny is picking up the toys on the floor of his room.  He'd dumped a lego boxed set with 500 "
+                 "pieces on the floor, and another one that had 3 times more pieces than the 500 piece one, and "
+                 "another one that had 1/4 the number of pieces.  How many blocks does Johnny pick up if he picks up "
+                 "all the legos?",
+     "answer": "The first set had 500 pieces, and the second set had 3 times as many as the first set, so the second "
+               "set has 500*3=<<500*3=1500>>1500 pieces\nThe third set had one-quarter of the 500 pieces, so that "
+               "means it had 500*.25= <<500*.25=125>>125 pieces\nIn total, that means Johnny picked up 500 + 1500+ "
+               "125= <<500+1500+125=2125>>2125 blocks\n#### 2,125"},
+    {"question": "Lori needed 1 whole egg to make 2 deviled egg halves.  She anticipates that each of her guests will "
+                 "eat 3 deviled egg halves.  If she is inviting 16 guests to her party, how many dozens of eggs will "
+                 "she need?",
+     "answer": "She is inviting 16 guests that will eat 3 deviled egg halves each so she needs 16*3 =<<16*3=48>>48 "
+               "halves\n1 whole egg is needed to make 2 halves so 48 halves is 48/2 = <<48/2=24>>24 whole eggs\n"
+               "1 dozen is equal to 12 and she needs 24 eggs so she needs 24/12 = <<24/12=2>>2 dozen eggs\n#### 2"},
+]
+
+
+def test_gsm8k_rows_convert():
+    rows = train.to_rows(GSM8K, 'question', 'answer', '', 'gsm8k')
+    assert [r['answer'] for r in rows] == ['2125', '2']
+    assert rows[0]['question'] == GSM8K[0]['question']
+    assert rows[1]['reasoning'] == ("She is inviting 16 guests that will eat 3 deviled egg halves each so she needs "
+                                    "16*3 =48 halves\n1 whole egg is needed to make 2 halves so 48 halves is 48/2 = "
+                                    "24 whole eggs\n1 dozen is equal to 12 and she needs 24 eggs so she needs 24/12 "
+                                    "= 2 dozen eggs")
+    for r in rows:
+        assert '<<' not in r['reasoning'] and '>>' not in r['reasoning'] and '####' not in r['reasoning']
+    assert train.completion_text(rows[1]).endswith('dozen eggs</think><answer>2</answer>')
+
+
+@pytest.mark.parametrize('bad,field,needle', [
+    ({'answer': 'x #### 1'}, 'question', 'missing'),
+    ({'question': 'q', 'answer': '   '}, 'answer', 'missing'),
+    ({'question': 'q', 'answer': 'no final answer here'}, 'answer', '####'),
+])
+def test_gsm8k_malformed_row_names_index_and_field(bad, field, needle):
+    with pytest.raises(ValueError) as e:
+        train.to_rows(GSM8K + [bad], 'question', 'answer', '', 'gsm8k.jsonl')
+    msg = str(e.value)
+    assert 'gsm8k.jsonl' in msg and 'row 2' in msg and f"'{field}'" in msg and needle in msg, msg
+
+
+def test_jsonl_with_reasoning_field(tmp_path):
+    path = tmp_path / 'mine.jsonl'
+    path.write_text(json.dumps({'q': 'one?', 'why': ' because ', 'a': ' 1 '}) + '\n\n'
+                    + json.dumps({'q': 'two?', 'why': 'b', 'a': '2'}) + '\n')
+    cfg = dict(dataset=str(path), question_field='q', answer_field='a', reasoning_field='why')
+    assert train.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': 'because', 'answer': '1'},
+                                             {'question': 'two?', 'reasoning': 'b', 'answer': '2'}]
+
+
+def test_real_gsm8k_file_converts(tmp_path):
+    src = next((p for p in ('/work/shared/data/gsm8k_train.jsonl', '/work/shared/data/gsm8k_test.jsonl')
+                if os.path.isfile(p)), None)
+    if src is None:
+        pytest.skip('no ../shared/data/gsm8k_*.jsonl here')
+    with open(src) as f:
+        head = [next(f) for _ in range(200)]
+    path = tmp_path / 'gsm8k.jsonl'
+    path.write_text(''.join(head))
+    cfg = dict(dataset=str(path), question_field='question', answer_field='answer', reasoning_field='')
+    rows = train.load_rows(cfg, 'train')
+    assert len(rows) == 200
+    for i, r in enumerate(rows):
+        float(r['answer'])  # every final answer is a plain number (no commas, no units)
+        assert '<<' not in r['reasoning'] and r['reasoning'] and r['question'], i
+
+
+# -----------------------------------------------------------------------------
+# one micro-batch vs four: the same gradient
+
+
+def sft_grads(model, batch, micro_batch_size, vocab):
+    """the sft step of train.py's loop: one step-wide token count, loss summed over micro-batches by backward."""
+    model.zero_grad(set_to_none=True)
+    micro = [train.collate_sft(batch[s:s + micro_batch_size], 0) for s in range(0, len(batch), micro_batch_size)]
+    norm = sum(mk.sum() for _, _, mk in micro)
+    total = 0.0
+    for ids, attn, mk in micro:
+        lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=vocab)
+        loss = -(lp * mk).sum() / norm
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_one_vs_four_micro_batches_same_gradient(tok, examples):
+    model = train.build_model(TINY, tok)
+    batch = examples[:8]
+    assert len({len(x) for x, _ in batch}) > 1, "examples of different lengths, so padding differs per split"
+    loss1, g1 = sft_grads(model, batch, 8, tok.n_vocab)
+    loss4, g4 = sft_grads(model, batch, 2, tok.n_vocab)
+    assert math.isclose(loss1, loss4, rel_tol=1e-6), (loss1, loss4)
+    for n in g1:
+        assert torch.allclose(g1[n], g4[n], atol=1e-6, rtol=1e-5), (n, (g1[n] - g4[n]).abs().max().item())
+
+
+# -----------------------------------------------------------------------------
+# lr schedule (nanoGPT): linear warmup from lr/(warmup+1), cosine to min_lr at lr_decay_iters, then flat
+
+
+@pytest.mark.parametrize('it,want', [
+    (0, 1e-3 * 1 / 11),  # first step: 1/(warmup+1) of the peak
+    (9, 1e-3 * 10 / 11),  # last warmup step
+    (10, 1e-3),  # cosine starts at the peak
+    (60, (1e-3 + 1e-4) / 2),  # halfway through the cosine: the mean of peak and floor
+    (35, 1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4),  # a quarter of the way
+    (110, 1e-4),  # end of decay
+    (500, 1e-4),  # past lr_decay_iters (not max_iters): flat at min_lr
+])
+def test_lr_schedule(it, want):
+    assert math.isclose(train.get_lr(it, 1e-3, 1e-4, warmup=10, decay_iters=110), want, rel_tol=1e-12)
+
+
+def test_lr_schedule_is_monotone_after_warmup():
+    lrs = [train.get_lr(i, 1e-3, 1e-4, 10, 110) for i in range(0, 120)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+# -----------------------------------------------------------------------------
+# issue 2 item 5: at lr 1e-6, fp32 master weights with bf16 adam moments track an fp32 reference; bf16 weights do not
+
+
+def small_update_delta(tok, examples, master, state_dtype):
+    model = train.build_model(TINY, tok)
+    if master == 'bf16':
+        model = model.to(torch.bfloat16)  # the seed's budget: bf16 weights updated in place
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=state_dtype)
+    for s in range(5):
+        ids, attn, mask = train.collate_sft(examples[8 * s:8 * s + 8], 0)
+        lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
+        (-(lp * mask).sum() / mask.sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.cat([(p.detach().float() - w0[n].float()).flatten() for n, p in model.named_parameters()])
+
+
+def test_bf16_small_updates(tok, examples):
+    ref = small_update_delta(tok, examples, 'fp32', torch.float32)
+    low = small_update_delta(tok, examples, 'fp32', torch.bfloat16)  # master_dtype='fp32', optim_dtype='bf16'
+    b16 = small_update_delta(tok, examples, 'bf16', torch.float32)
+    moved = ref != 0  # rows of unused vocabulary get no gradient, hence no update, in any scheme
+    assert moved.float().mean() > 0.9
+
+    def stats(d):
+        return dict(total=(d.abs().sum() / ref.abs().sum()).item(),
+                    corr=torch.corrcoef(torch.stack([d, ref]))[0, 1].item(),
+                    rel_err=((d - ref).norm() / ref.norm()).item(),
+                    unmoved=(d[moved] == 0).float().mean().item())
+    s_low, s_b16 = stats(low), stats(b16)
+    print(f"\nlow-memory {s_low}\nbf16 weights {s_b16}")
+    # measured on CPU: low {total 1.0000, corr 0.99999, rel_err 0.001, unmoved 0.0}; bf16 {total 0.024, corr 0.14,
+    # rel_err 0.99, unmoved 0.98}
+    assert abs(s_low['total'] - 1) < 0.01 and s_low['corr'] > 0.99 and s_low['rel_err'] < 0.05, s_low
+    assert s_low['unmoved'] < 0.01, s_low
+    assert s_b16['unmoved'] > 0.5 and s_b16['rel_err'] > 0.5, s_b16
