@@ -90,7 +90,7 @@ eps_low = 0.2
 eps_high = 0.0  # 0 = the mode's default: 0.28 for dapo, else eps_low
 dynamic_sampling = True  # dapo: drop constant-reward groups and generate more
 max_gen_rounds = 4  # dapo: generation rounds per step at most
-overlong = 'auto'  # 'auto' (dapo: 'soft', else 'none') | 'none' | 'fixed' | 'soft'
+overlong = 'auto'  # 'auto' (dapo: 'fixed', the seed's; else 'none') | 'none' | 'fixed' | 'soft' (DAPO paper)
 overlong_penalty = 0.5  # 'fixed': reward -= this when truncated without an answer
 overlong_buffer = 256  # 'soft': linear penalty over the last this-many tokens
 overlong_factor = 1.0  # 'soft': penalty at max_new_tokens
@@ -660,7 +660,7 @@ if __name__ == "__main__":
     from configurator import configure
     configure(globals(), sys.argv[1:])
     eps_high = eps_high or (0.28 if mode == 'dapo' else eps_low)  # 0: the mode's default
-    overlong = {'auto': 'soft' if mode == 'dapo' else 'none'}.get(overlong, overlong)
+    overlong = {'auto': 'fixed' if mode == 'dapo' else 'none'}.get(overlong, overlong)
     config = {k: globals()[k] for k in config_keys}
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)

@@ -29,5 +29,4 @@ activation_checkpointing = False
 # generation (used by the rl stage and eval)
 group_size = 8
 max_new_tokens = 64
-overlong_buffer = 16
 temperature = 1.0

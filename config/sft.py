@@ -1,0 +1,23 @@
+# stage 1: Qwen2.5-3B SFT on GSM8K <think>/<answer> traces, 2 GPUs (24 GB each), FSDP2.
+#   torchrun --standalone --nproc_per_node=2 train.py config/sft.py
+out_dir = 'out-sft'
+init_from = 'Qwen/Qwen2.5-3B'
+dataset = 'openai/gsm8k'
+dataset_config = 'main'
+split = 'train'
+prompt_template = 'r1'  # base model: plain text; eos is <|endoftext|>
+max_seq_len = 1024
+mode = 'sft'
+max_iters = 234  # 2 epochs of 7,473 examples at 64 per step
+lr_decay_iters = 234
+warmup_iters = 10
+learning_rate = 1e-5
+min_lr = 1e-6
+weight_decay = 0.0
+batch_size = 64
+micro_batch_size = 2
+master_dtype = 'fp32'  # fp32 master shards + bf16 adam moments: 18 GB/GPU of state, updates of 1e-6 still land
+optim_dtype = 'bf16'
+ckpt_interval = 50
+device = 'cuda'
+activation_checkpointing = True
