@@ -57,6 +57,7 @@ eos_token = ''  # end of completion; '' = '<|im_end|>' with 'chat', else the tok
 max_seq_len = 1024  # sft: longer examples are dropped and counted in the log
 arith_terms = 3  # 'arith': numbers per problem (terms - 1 operations)
 arith_digits = 2  # 'arith': digits per number
+arith_trace_frac = 1.0  # 'arith': fraction of sft traces that show the steps; the rest answer with an empty think
 # model ('scratch' only: a Qwen2-architecture model with random weights and an offline byte tokenizer)
 n_layer = 2
 n_head = 4
@@ -178,8 +179,11 @@ def format_prompt(question: str, template: str, tok: Tokenizer, system: str) -> 
 # data: every source becomes rows {'question', 'reasoning', 'answer'}
 
 
-def arith_problems(n: int, split: str, seed: int, terms: int, digits: int) -> list[dict]:
-    """synthetic multi-step arithmetic; train and test are disjoint by a hash of the problem text."""
+def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace_frac: float = 1.0) -> list[dict]:
+    """synthetic multi-step arithmetic; train and test are disjoint by a hash of the problem text.
+
+    with trace_frac < 1 some traces skip the steps (`<think></think>` then the answer): a tiny model cannot
+    add four numbers in one token, so those answers are mostly wrong, which rl can discover and unlearn."""
     rng = random.Random(f'{seed}-{split}')
     rows, seen, lo, hi = [], set(), 10 ** (digits - 1), 10 ** digits - 1
     while len(rows) < n:
@@ -194,7 +198,8 @@ def arith_problems(n: int, split: str, seed: int, terms: int, digits: int) -> li
             new = acc + x if o == '+' else acc - x
             steps.append(f'{acc} {o} {x} = {new}')
             acc = new
-        rows.append({'question': f'{q} = ?', 'reasoning': '\n'.join(steps), 'answer': str(acc)})
+        shown = rng.random() < trace_frac
+        rows.append({'question': f'{q} = ?', 'reasoning': '\n'.join(steps) if shown else '', 'answer': str(acc)})
     return rows
 
 
@@ -221,7 +226,8 @@ def to_rows(raw: list[dict], question_field: str, answer_field: str, reasoning_f
 def load_rows(cfg: dict, split: str, n_arith: int = 20000) -> list[dict]:
     name = cfg['dataset']
     if name == 'arith':
-        return arith_problems(n_arith, split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'])
+        return arith_problems(n_arith, split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
+                              cfg['arith_trace_frac'])
     if name.endswith('.jsonl'):
         with open(name) as f:
             raw = []
@@ -628,6 +634,7 @@ def validate(c: dict, world: int):
     for k in ('max_iters', 'batch_size', 'micro_batch_size', 'group_size', 'max_new_tokens', 'num_iterations',
               'max_gen_rounds', 'max_seq_len', 'logprob_chunk', 'ckpt_interval', 'log_interval'):
         need(c[k] >= 1, f"{k} = {c[k]}, expected >= 1")
+    need(0 <= c['arith_trace_frac'] <= 1, f"arith_trace_frac = {c['arith_trace_frac']}, expected in [0, 1]")
     need(c['lr_decay_iters'] >= c['warmup_iters'] >= 0,
          f"lr_decay_iters ({c['lr_decay_iters']}) must be >= warmup_iters ({c['warmup_iters']}) >= 0")
     need(c['device'] in ('cpu', 'cuda') or c['device'].startswith('cuda:'), f"device = {c['device']!r}, expected 'cpu' or 'cuda'")
@@ -832,58 +839,58 @@ if __name__ == "__main__":
             m.update(reward_mean=sums[0] / n, reward_std=(sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt(),
                      accuracy=sums[5] / n, len_mean=sums[3] / n, len_max=mx[0], truncated_frac=sums[4] / n)
             m.setdefault('zero_std_frac', sums[6] / sums[7])
-            if not groups:  # dapo found no signal in max_gen_rounds: skip the update on every rank alike
+            if not groups:  # dapo found no signal in max_gen_rounds: no update, on every rank alike
                 log(f"step {step + 1}: no group with distinct rewards after {rounds} rounds; update skipped")
-                step += 1
-                continue
-            # tensors for the update: micro-batches of whole sequences, advantages per group
-            t2 = time.time()
-            seq_p = [g['prompt'] for g in groups for _ in g['comps']]
-            seq_c = [c for g in groups for c in g['comps']]
-            adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
-            micro = []
-            for s in range(0, len(seq_c), micro_batch_size):
-                ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
-                micro.append([ids.to(device), attn.to(device), cm.to(device), adv[s:s + micro_batch_size].to(device)])
-            n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
-            n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
-            norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
-            with torch.no_grad(), nvtx.annotate('old_logprobs'), autocast:
-                ent_sum = torch.zeros((), device=device)
-                for mb in micro:
-                    old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, entropy=True,
-                                                   vocab=tok.n_vocab)
-                    ent_sum += (ent * mb[2]).sum()
-                    mb.append(old)
-                    mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
-                              if ref is not None else None)
-            m['entropy'] = all_sum(ent_sum) / n_tok
-            m['t_logprobs'] = time.time() - t2
-            t3 = time.time()
-            for it in range(num_iterations):
-                if it > 0:
-                    if grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum, st_sum = torch.zeros((), device=device), {}
-                for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
-                    if ddp:
-                        model.set_requires_gradient_sync(k == len(micro) - 1)
-                    with nvtx.annotate('policy_loss_backward'), autocast:
-                        lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
-                        loss, st = policy_loss(lp, old, a, cm, mode=mode, ref_logprobs=rlp, beta=beta,
-                                               eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
-                    (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
-                    loss_sum += loss.detach()
-                    w = cm.sum()
-                    for key, v in st.items():  # token-weighted across micro-batches
-                        st_sum[key] = st_sum.get(key, 0) + v * w
-            m['loss'] = all_sum(loss_sum)
-            for key, v in st_sum.items():
-                m[key] = all_sum(v) / n_tok
-            m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
-            m['t_update'] = time.time() - t3
+                m.update(loss=0.0, tokens=0, clip_low=0.0, clip_high=0.0)
+            else:
+                # tensors for the update: micro-batches of whole sequences, advantages per group
+                t2 = time.time()
+                seq_p = [g['prompt'] for g in groups for _ in g['comps']]
+                seq_c = [c for g in groups for c in g['comps']]
+                adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
+                micro = []
+                for s in range(0, len(seq_c), micro_batch_size):
+                    ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
+                    micro.append([ids.to(device), attn.to(device), cm.to(device), adv[s:s + micro_batch_size].to(device)])
+                n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
+                n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
+                norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
+                with torch.no_grad(), nvtx.annotate('old_logprobs'), autocast:
+                    ent_sum = torch.zeros((), device=device)
+                    for mb in micro:
+                        old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, entropy=True,
+                                                       vocab=tok.n_vocab)
+                        ent_sum += (ent * mb[2]).sum()
+                        mb.append(old)
+                        mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
+                                  if ref is not None else None)
+                m['entropy'] = all_sum(ent_sum) / n_tok
+                m['t_logprobs'] = time.time() - t2
+                t3 = time.time()
+                for it in range(num_iterations):
+                    if it > 0:
+                        if grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    loss_sum, st_sum = torch.zeros((), device=device), {}
+                    for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
+                        if ddp:
+                            model.set_requires_gradient_sync(k == len(micro) - 1)
+                        with nvtx.annotate('policy_loss_backward'), autocast:
+                            lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
+                            loss, st = policy_loss(lp, old, a, cm, mode=mode, ref_logprobs=rlp, beta=beta,
+                                                   eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
+                        (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                        loss_sum += loss.detach()
+                        w = cm.sum()
+                        for key, v in st.items():  # token-weighted across micro-batches
+                            st_sum[key] = st_sum.get(key, 0) + v * w
+                m['loss'] = all_sum(loss_sum)
+                for key, v in st_sum.items():
+                    m[key] = all_sum(v) / n_tok
+                m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
+                m['t_update'] = time.time() - t3
         with nvtx.annotate('optimizer_step'):
             if grad_clip > 0:
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -5,6 +5,7 @@ init_from = 'scratch'
 dataset = 'arith'
 arith_terms = 4
 arith_digits = 1
+arith_trace_frac = 0.5  # half the sft traces answer without steps: rl finds out that thinking pays
 prompt_template = '{question}\n'
 max_seq_len = 128
 n_layer = 4

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# profile.sh: Nsight Systems timeline of a few training steps, NVTX ranges included (forward, backward,
+# optimizer_step, rollout_generation, reward_computation, old_logprobs, policy_loss_backward); Nsight Compute
+# on the dominant GEMMs with --ncu. Without nsys (or a GPU) it falls back to a torch.profiler trace.
+#   bash profile.sh config/sft.py                 # nsys, 2 GPUs
+#   bash profile.sh config/dapo.py --ncu          # + ncu on the largest kernels
+#   bash profile.sh config/tiny.py                # CPU: torch.profiler -> profiles/trace.json (chrome://tracing)
+set -euo pipefail
+cd "$(dirname "$0")"
+cfg=${1:?usage: bash profile.sh config/X.py [--ncu]}
+name=$(basename "$cfg" .py)
+mkdir -p profiles
+steps="--max_iters=3 --ckpt_interval=1000000 --out_dir=profiles/out-$name"
+if command -v nsys >/dev/null && python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  nsys profile -t cuda,nvtx,osrt -o "profiles/$name" --force-overwrite true \
+    torchrun --standalone --nproc_per_node="${NPROC:-2}" train.py "$cfg" $steps
+  if [ "${2:-}" = "--ncu" ] && command -v ncu >/dev/null; then
+    ncu --nvtx --nvtx-include "forward/" --launch-count 20 --set full -o "profiles/$name-ncu" --force-overwrite \
+      python train.py "$cfg" $steps --max_iters=1
+  fi
+  echo "open profiles/$name.nsys-rep in Nsight Systems"
+else
+  python - "$cfg" $steps <<'PY'
+import runpy, sys, torch
+from torch.profiler import ProfilerActivity, profile
+acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+sys.argv = ['train.py'] + sys.argv[1:]
+with profile(activities=acts, record_shapes=True) as prof:
+    runpy.run_path('train.py', run_name='__main__')
+prof.export_chrome_trace('profiles/trace.json')
+print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15))
+print('trace: profiles/trace.json (chrome://tracing or ui.perfetto.dev)')
+PY
+fi
