@@ -10,6 +10,7 @@ ranks give the same results, and a restarted eval skips the batches already in o
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -88,8 +89,8 @@ def summarize(rows: list[dict], ks: list[int], temperature: float) -> dict:
          'format_failure_rate': sum(g['answer'] is None for g in greedy) / len(rows)}
     for name, keep in (('correct', True), ('incorrect', False)):
         ls = sorted(g['length'] for g in greedy if g['correct'] == keep)
-        s[f'len_{name}_mean'] = sum(ls) / len(ls) if ls else float('nan')
-        s[f'len_{name}_median'] = ls[len(ls) // 2] if ls else float('nan')
+        s[f'len_{name}_mean'] = sum(ls) / len(ls) if ls else None  # None, not NaN: summary.json stays strict json
+        s[f'len_{name}_median'] = ls[len(ls) // 2] if ls else None
     s['len_mean'] = sum(g['length'] for g in greedy) / len(rows)
     if rows[0].get('samples'):
         n = len(rows[0]['samples'])
@@ -199,9 +200,13 @@ def main(argv=None):
     out_dir = args.out or (os.path.join(path, 'eval') if args.ckpt else 'eval-out')
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}
-    for ds in (['gsm8k', 'math500'] if args.dataset == 'both' else [args.dataset]):
-        problems = load_problems(argparse.Namespace(**{**vars(args), 'dataset': ds}), cfg)
-        tag = f"{ds}-{'greedy' if not args.n_samples else f'n{args.n_samples}-t{args.temperature}'}-{args.max_new_tokens}"
+    names = ['gsm8k', 'math500'] if args.dataset == 'both' else [args.dataset]
+    for ds, problems in [(ds, load_problems(argparse.Namespace(**{**vars(args), 'dataset': ds}), cfg)) for ds in names]:
+        # everything that changes a result names the file, so a resume never reuses another eval's rows
+        key = json.dumps([path, os.path.abspath(args.data or ''), args.question_field, args.answer_field, cfg,
+                          args.n_samples, args.temperature, args.max_new_tokens, args.batch_size, args.seed])
+        tag = f"{ds}-{'greedy' if not args.n_samples else f'n{args.n_samples}-t{args.temperature}'}-" \
+              f"{args.max_new_tokens}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
         done = {}
         for fn in glob.glob(os.path.join(out_dir, f'results-{tag}.rank*.jsonl')):
             with open(fn) as f:
@@ -213,7 +218,15 @@ def main(argv=None):
                         pass  # a line cut by an interrupt: that batch runs again
         batches = [problems[s:s + args.batch_size] for s in range(0, len(problems), args.batch_size)]
         t0, n_new, n_ok = time.time(), 0, 0
-        with open(os.path.join(out_dir, f'results-{tag}.rank{rank}.jsonl'), 'a') as f:
+        questions = {p['id']: p['question'] for p in problems}
+        done = {i: r for i, r in done.items() if questions.get(i) == r['question']}
+        mine = os.path.join(out_dir, f'results-{tag}.rank{rank}.jsonl')
+        if os.path.isfile(mine) and os.path.getsize(mine):
+            with open(mine, 'rb+') as f:  # an interrupt can leave half a line: end it, the parser skips it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b'\n':
+                    f.write(b'\n')
+        with open(mine, 'a') as f:
             for b, batch in enumerate(batches):
                 if b % world != rank or all(p['id'] in done for p in batch):
                     continue
