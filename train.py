@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import time
+import zlib
 
 import nvtx
 import torch
@@ -186,11 +187,13 @@ def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace
     add four numbers in one token, so those answers are mostly wrong, which rl can discover and unlearn."""
     rng = random.Random(f'{seed}-{split}')
     rows, seen, lo, hi = [], set(), 10 ** (digits - 1), 10 ** digits - 1
-    while len(rows) < n:
+    for _ in range(100 * n):  # small settings have fewer distinct problems than asked for: stop, don't spin
+        if len(rows) == n:
+            break
         nums = [rng.randint(lo, hi) for _ in range(terms)]
         ops = [rng.choice('+-') for _ in range(terms - 1)]
         q = ' '.join([str(nums[0])] + [f'{o} {x}' for o, x in zip(ops, nums[1:])])
-        if q in seen or (sum(map(ord, q)) * 2654435761 % 2 ** 32 % 10 == 0) != (split == 'test'):
+        if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == 'test'):  # 10% of problems are test
             continue
         seen.add(q)
         steps, acc = [], nums[0]
