@@ -2,11 +2,14 @@
 
     python bench.py                                   # tiny scratch model on CPU
     python bench.py --preset qwen3b --device cuda     # random-weight Qwen2.5-3B-shaped model, real sizes
+    python bench.py --ckpt out-demo/sft/ckpt --skip train   # trained demo model: rows stop at different lengths
 
 Every speed is printed next to a baseline measured in the same process (these machines are shared and noisy):
 our engine vs `model.generate` on the same model and prompts, each timed best of --repeats.
 """
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -20,8 +23,11 @@ PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2)
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16
 
 
-def build(preset: str, device: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build(preset: str, device: str, ckpt: str = ''):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    if ckpt:
+        dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval(), train.Tokenizer.load(ckpt)
     p, tok = PRESETS[preset], train.Tokenizer.bytes_level()
     mc = Qwen2Config(vocab_size=p['vocab'] or 320, hidden_size=p['n_embd'], intermediate_size=p['n_ff'],
                      num_hidden_layers=p['n_layer'], num_attention_heads=p['n_head'],
@@ -47,25 +53,42 @@ def timed(fn, repeats: int, device: str) -> float:
 
 
 def bench_rollout(model, tok, args) -> dict:
-    """same prompts, same number of new tokens (no early stop), sampled at T=1, G samples per prompt."""
+    """same prompts, sampled at T=1, G samples per prompt. random model: every row runs to new_tokens; with
+    --ckpt: real prompts that stop on eos at different lengths (ours drops finished rows, generate pads them)."""
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
-    n_tok = args.prompts * args.group_size * args.new_tokens
+    if args.ckpt:
+        with open(os.path.join(args.ckpt, 'train_state.json')) as f:
+            cfg = json.load(f)['config']
+        rows = train.arith_problems(args.prompts, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'])
+        prompts = [tok.encode(train.format_prompt(r['question'], cfg['prompt_template'], tok, '')) for r in rows]
+        eos = [tok.token_id(tok.default_eos(cfg['prompt_template']))]
+    else:
+        prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+        eos = []
+    n_tok = [0]
 
     def ours():
-        train.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens, temperature=1.0,
-                       top_p=1.0, eos_ids=[], stop_strings=[], tok=tok, pad_id=0,
-                       generator=torch.Generator(device=args.device).manual_seed(0))
+        out = train.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens,
+                             temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=[], tok=tok, pad_id=0,
+                             generator=torch.Generator(device=args.device).manual_seed(0))
+        n_tok[0] = int(out['mask'].sum())
 
-    ids = torch.tensor(prompts, device=args.device)
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=args.device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=args.device)
+    n_hf = [0]
 
     def hf():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
-                       top_k=0, num_return_sequences=args.group_size, max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             num_return_sequences=args.group_size, max_new_tokens=args.new_tokens,
+                             min_new_tokens=None if eos else args.new_tokens, pad_token_id=0,
+                             eos_token_id=eos[0] if eos else None)
+        new = out[:, P:]
+        n_hf[0] = int((new != 0).sum()) if eos else new.numel()
 
     t_ours, t_hf = timed(ours, args.repeats, args.device), timed(hf, args.repeats, args.device)
-    return {'engine_tok_s': n_tok / t_ours, 'generate_tok_s': n_tok / t_hf, 'speedup': t_hf / t_ours}
+    return {'engine_tok_s': n_tok[0] / t_ours, 'generate_tok_s': n_hf[0] / t_hf, 'speedup': n_tok[0] / t_ours / (n_hf[0] / t_hf),
+            'engine_tokens': n_tok[0], 'generate_tokens': n_hf[0]}
 
 
 def bench_train(model, tok, args) -> dict:
@@ -118,6 +141,7 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--preset', default='tiny', choices=list(PRESETS))
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--ckpt', default='', help="a demo checkpoint: real prompts with early stops")
     ap.add_argument('--prompts', type=int, default=8)
     ap.add_argument('--group_size', type=int, default=8)
     ap.add_argument('--prompt_len', type=int, default=64)
@@ -127,12 +151,12 @@ if __name__ == '__main__':
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--skip', default='', help="'rollout' or 'train' to skip one part")
     args = ap.parse_args()
-    model, tok = build(args.preset, args.device)
+    model, tok = build(args.preset, args.device, args.ckpt)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'cpu x{torch.get_num_threads()} threads'
     print(f"bench: preset {args.preset} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {dev}")
     if args.skip != 'rollout':
         r = bench_rollout(model, tok, args)
-        print(f"rollout ({args.prompts} prompts x {args.group_size} samples x {args.new_tokens} new tokens): "
+        print(f"rollout ({args.prompts} prompts x {args.group_size} samples, <= {args.new_tokens} new tokens): "
               f"engine {r['engine_tok_s']:.0f} tok/s | model.generate {r['generate_tok_s']:.0f} tok/s | "
               f"ratio {r['speedup']:.2f}x")
     if args.skip != 'train':

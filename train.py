@@ -449,6 +449,7 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     out_lp = torch.zeros(N, max_new_tokens, device=dev)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long)
     rows = torch.arange(N, device=dev)  # output row of each live batch row
+    live = list(range(N))  # the same, on the host
     texts = [[] for _ in range(N)]
     window = max([len(s.encode()) for s in stop_strings] + [1])  # a stop string spans at most this many tokens
     eos = set(eos_ids)
@@ -457,15 +458,16 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
         nxt, lp = sample(logits, temperature, top_p, generator)
         out_ids[rows, t], out_lp[rows, t] = nxt, lp
         done = []
-        for k, (r, x) in enumerate(zip(rows.tolist(), nxt.tolist())):  # host sync: one per decode step
+        for k, (r, x) in enumerate(zip(live, nxt.tolist())):  # host sync: one per decode step
             texts[r].append(x)
             if x in eos or (stop_strings and any(s in tok.decode(texts[r][-window:]) for s in stop_strings)):
                 lengths[r] = t + 1
                 done.append(k)
-        if t == max_new_tokens - 1 or len(done) == len(rows):
+        if t == max_new_tokens - 1 or len(done) == len(live):
             break
         if done:
-            keep = torch.tensor(sorted(set(range(len(rows))) - set(done)), device=dev)
+            kept = sorted(set(range(len(live))) - set(done))
+            live, keep = [live[k] for k in kept], torch.tensor(kept, device=dev)
             cache.batch_select_indices(keep)
             rows, nxt, attn, pos = rows[keep], nxt[keep], attn[keep], pos[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
