@@ -169,11 +169,11 @@ class Tokenizer:
 
 def format_prompt(question: str, template: str, tok: Tokenizer, system: str) -> str:
     if template == 'r1':
-        return R1_TEMPLATE.format(question=question)
+        return R1_TEMPLATE.replace('{question}', question)
     if template == 'chat':
         msgs = [{'role': 'system', 'content': system}, {'role': 'user', 'content': question}]
         return tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return template.format(question=question)
+    return template.replace('{question}', question)  # not .format: latex braces in a template stay as they are
 
 
 # -----------------------------------------------------------------------------
@@ -647,6 +647,8 @@ def validate(c: dict, world: int):
          f"device = {c['device']!r} but no CUDA device is available (use --device=cpu)")
     need(c['prompt_template'] in ('r1', 'chat') or '{question}' in c['prompt_template'],
          f"prompt_template = {c['prompt_template']!r}, expected 'r1', 'chat' or a string containing '{{question}}'")
+    need(c['prompt_template'] != 'chat' or c['init_from'] != 'scratch',
+         "prompt_template = 'chat' needs a tokenizer with a chat template; init_from = 'scratch' has none")
     need(c['overlong'] in ('auto', 'none', 'fixed', 'soft'),
          f"overlong = {c['overlong']!r}, expected 'auto', 'none', 'fixed' or 'soft'")
     need(c['init_from'] != 'scratch' or (c['n_embd'] % c['n_head'] == 0 and c['n_head'] % c['n_kv_head'] == 0),
