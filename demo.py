@@ -30,10 +30,10 @@ def evaluate(ckpt: str, out: str, limit: int, quick: bool, env: dict) -> tuple[d
         return json.load(f)['arith'], t
 
 
-def samples(out: str, k: int) -> list[dict]:
+def samples(out: str) -> list[dict]:
     fn = next(f for f in os.listdir(out) if f.startswith('results-') and '.rank' not in f)
     with open(os.path.join(out, fn)) as f:
-        return [json.loads(line) for line in f][:k]
+        return [json.loads(line) for line in f]
 
 
 if __name__ == '__main__':
@@ -68,7 +68,10 @@ if __name__ == '__main__':
               f"{t_train:.0f} s | {t_eval:.0f} s |")
     with open(os.path.join(args.out, 'demo_summary.json'), 'w') as f:
         json.dump({name: dict(s, train_s=t, eval_s=te) for name, s, t, te in rows}, f, indent=1)
-    print("\nsample completions (greedy), before -> after:")
     last = rows[-1][0]
-    for b, a in zip(samples(os.path.join(args.out, 'eval-sft'), 3), samples(os.path.join(args.out, f'eval-{last}'), 3)):
+    pairs = list(zip(samples(os.path.join(args.out, 'eval-sft')), samples(os.path.join(args.out, f'eval-{last}'))))
+    fixed = [(b, a) for b, a in pairs if a['greedy']['correct'] and not b['greedy']['correct']]
+    broken = [(b, a) for b, a in pairs if b['greedy']['correct'] and not a['greedy']['correct']]
+    print(f"\ngreedy answers that {last} fixed: {len(fixed)}, broke: {len(broken)} (of {len(pairs)}); examples:")
+    for b, a in fixed[:3] + broken[:1]:
         print(f"{b['question']}  (gold {b['gold']})\n  sft:  {b['greedy']['completion']!r}\n  {last}: {a['greedy']['completion']!r}")
