@@ -81,6 +81,20 @@ def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int]
     return res
 
 
+def read_results(pattern: str) -> dict:
+    """{problem id: row} from every rank's results file; a line cut by an interrupt is skipped (its batch reruns)."""
+    done = {}
+    for fn in glob.glob(pattern):
+        with open(fn) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    done[r['id']] = r
+                except json.JSONDecodeError:
+                    pass
+    return done
+
+
 def summarize(rows: list[dict], ks: list[int], temperature: float) -> dict:
     """accuracy, pass@k, and the baseline analysis (lengths of correct vs wrong, truncation, format failures)."""
     greedy = [r['greedy'] for r in rows]
@@ -207,15 +221,7 @@ def main(argv=None):
                           args.n_samples, args.temperature, args.max_new_tokens, args.batch_size, args.seed])
         tag = f"{ds}-{'greedy' if not args.n_samples else f'n{args.n_samples}-t{args.temperature}'}-" \
               f"{args.max_new_tokens}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-        done = {}
-        for fn in glob.glob(os.path.join(out_dir, f'results-{tag}.rank*.jsonl')):
-            with open(fn) as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                        done[r['id']] = r
-                    except json.JSONDecodeError:
-                        pass  # a line cut by an interrupt: that batch runs again
+        done = read_results(os.path.join(out_dir, f'results-{tag}.rank*.jsonl'))
         batches = [problems[s:s + args.batch_size] for s in range(0, len(problems), args.batch_size)]
         t0, n_new, n_ok = time.time(), 0, 0
         questions = {p['id']: p['question'] for p in problems}
@@ -243,14 +249,7 @@ def main(argv=None):
         if ddp:
             dist.barrier()
         if rank == 0:
-            for fn in glob.glob(os.path.join(out_dir, f'results-{tag}.rank*.jsonl')):
-                with open(fn) as f:
-                    for line in f:
-                        try:
-                            r = json.loads(line)
-                            done[r['id']] = r
-                        except json.JSONDecodeError:
-                            pass
+            done.update(read_results(os.path.join(out_dir, f'results-{tag}.rank*.jsonl')))
             rows = [done[p['id']] for p in problems]
             with open(os.path.join(out_dir, f'results-{tag}.jsonl'), 'w') as f:
                 f.writelines(json.dumps(r) + '\n' for r in rows)

@@ -1,32 +1,11 @@
 # stage 2, dapo: clip-higher 0.2/0.28, dynamic sampling, token-level loss, overlong penalty (-0.5, the seed's).
 #   torchrun --standalone --nproc_per_node=2 train.py config/dapo.py
+exec(open('config/grpo.py').read())
 out_dir = 'out-dapo'
-init_from = 'out-sft/ckpt'
-dataset = 'openai/gsm8k'
-dataset_config = 'main'
-split = 'train'
-prompt_template = 'r1'
 mode = 'dapo'
-max_iters = 200
-lr_decay_iters = 200
-warmup_iters = 5
-learning_rate = 1e-6
-min_lr = 1e-6
-batch_size = 16  # prompts per step, x group_size = 128 completions
-group_size = 8
-max_new_tokens = 512
-temperature = 1.0
-micro_batch_size = 4
-num_iterations = 1
 beta = 0.0
-eps_low = 0.2
 eps_high = 0.28
 dynamic_sampling = True
 max_gen_rounds = 3
-overlong = 'fixed'
+overlong = 'fixed'  # 'soft' is the DAPO paper's ramp over the last overlong_buffer tokens
 overlong_penalty = 0.5
-master_dtype = 'fp32'
-optim_dtype = 'bf16'
-ckpt_interval = 25
-device = 'cuda'
-activation_checkpointing = True

@@ -1,28 +1,6 @@
 # stage 2, dr_grpo: no KL and no reference model (saves its memory), A = r - mean, constant normaliser.
 #   torchrun --standalone --nproc_per_node=2 train.py config/dr_grpo.py
+exec(open('config/grpo.py').read())
 out_dir = 'out-dr_grpo'
-init_from = 'out-sft/ckpt'
-dataset = 'openai/gsm8k'
-dataset_config = 'main'
-split = 'train'
-prompt_template = 'r1'
 mode = 'dr_grpo'
-max_iters = 200
-lr_decay_iters = 200
-warmup_iters = 5
-learning_rate = 1e-6
-min_lr = 1e-6
-batch_size = 16  # prompts per step, x group_size = 128 completions
-group_size = 8
-max_new_tokens = 512
-temperature = 1.0
-micro_batch_size = 4
-num_iterations = 1
 beta = 0.0
-eps_low = 0.2
-eps_high = 0.2
-master_dtype = 'fp32'
-optim_dtype = 'bf16'
-ckpt_interval = 25
-device = 'cuda'
-activation_checkpointing = True
