@@ -448,6 +448,7 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     out_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros(N, max_new_tokens, device=dev)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long)
+    stopped = torch.zeros(N, dtype=torch.bool)  # on eos or a stop string; the rest are truncated
     rows = torch.arange(N, device=dev)  # output row of each live batch row
     live = list(range(N))  # the same, on the host
     texts = [[] for _ in range(N)]
@@ -461,7 +462,7 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
         for k, (r, x) in enumerate(zip(live, nxt.tolist())):  # host sync: one per decode step
             texts[r].append(x)
             if x in eos or (stop_strings and any(s in tok.decode(texts[r][-window:]) for s in stop_strings)):
-                lengths[r] = t + 1
+                lengths[r], stopped[r] = t + 1, True
                 done.append(k)
         if t == max_new_tokens - 1 or len(done) == len(live):
             break
@@ -475,11 +476,7 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
                        use_cache=True).logits[:, -1].float()
         pos = pos + 1
     mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).to(dev)
-    truncated = lengths.eq(max_new_tokens) & torch.tensor([not (r and (r[-1] in eos)) for r in texts])
-    for r in range(N):  # a row that stopped on its last allowed token is not truncated
-        if truncated[r] and stop_strings and any(s in tok.decode(texts[r][-window:]) for s in stop_strings):
-            truncated[r] = False
-    return {'ids': out_ids, 'mask': mask, 'logprobs': out_lp * mask, 'truncated': truncated}
+    return {'ids': out_ids, 'mask': mask, 'logprobs': out_lp * mask, 'truncated': ~stopped}
 
 
 @contextlib.contextmanager
@@ -837,10 +834,9 @@ if __name__ == "__main__":
             sums = torch.tensor([rl.sum(), (rl ** 2).sum(), len(rl), sum(cl), sum(flat('trunc')), sum(flat('correct')),
                                  sum(max(g['rewards']) - min(g['rewards']) <= 1e-6 for g in stat_groups), len(stat_groups)],
                                 dtype=torch.float64)
+            mx = torch.tensor([float(max(cl))])
             if ddp and not (mode == 'dapo' and dynamic_sampling):  # dapo's pool is already global
                 dist.all_reduce(sums)
-            mx = torch.tensor([float(max(cl))])
-            if ddp and not (mode == 'dapo' and dynamic_sampling):
                 dist.all_reduce(mx, op=dist.ReduceOp.MAX)
             n = sums[2]
             m.update(reward_mean=sums[0] / n, reward_std=(sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt(),
