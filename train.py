@@ -21,6 +21,7 @@ and 1 or 2 ranks give the same gradient. Old log-probs are recomputed by the tra
 num_iterations=1 the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward).
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -439,8 +440,10 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
         ids[i, P - len(p):] = torch.tensor(p, device=dev)
         attn[i, P - len(p):] = 1
     cache = DynamicCache(config=model.config)
+    # transformers 5.24 renamed past_key_values to cache; an older one would silently drop the unknown keyword
+    kw = 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
     logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                   use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].float()
     cache.batch_repeat_interleave(n_samples)
     logits, attn = logits.repeat_interleave(n_samples, 0), attn.repeat_interleave(n_samples, 0)
     N = B * n_samples
@@ -472,8 +475,8 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
             cache.batch_select_indices(keep)
             rows, nxt, attn, pos = rows[keep], nxt[keep], attn[keep], pos[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
-                       use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
+                       **{kw: cache}).logits[:, -1].float()
         pos = pos + 1
     mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).to(dev)
     return {'ids': out_ids, 'mask': mask, 'logprobs': out_lp * mask, 'truncated': ~stopped}
