@@ -573,7 +573,8 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
 def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank: int, world: int):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if world > 1:  # collective: every rank takes part
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):  # collective: every rank takes part (torchrun with 1 rank shards too)
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -861,16 +862,19 @@ if __name__ == "__main__":
                 n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
                 n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
                 norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
+                # mu = 1 is on-policy: the old log-probs are the first update's own, detached, so no extra forward
+                on_policy = num_iterations == 1
+                ent_sum = torch.zeros((), device=device)
                 with torch.no_grad(), nvtx.annotate('old_logprobs'), autocast:
-                    ent_sum = torch.zeros((), device=device)
                     for mb in micro:
-                        old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, entropy=True,
-                                                       vocab=tok.n_vocab)
-                        ent_sum += (ent * mb[2]).sum()
+                        old = None
+                        if not on_policy:
+                            old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk,
+                                                      entropy=True, vocab=tok.n_vocab)
+                            ent_sum += (ent * mb[2]).sum()
                         mb.append(old)
                         mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
                                   if ref is not None else None)
-                m['entropy'] = all_sum(ent_sum) / n_tok
                 m['t_logprobs'] = time.time() - t2
                 t3 = time.time()
                 for it in range(num_iterations):
@@ -884,7 +888,12 @@ if __name__ == "__main__":
                         if ddp:
                             model.set_requires_gradient_sync(k == len(micro) - 1)
                         with nvtx.annotate('policy_loss_backward'), autocast:
-                            lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
+                            if old is None:
+                                lp, ent = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk,
+                                                         entropy=True, vocab=tok.n_vocab)
+                                old, ent_sum = lp.detach(), ent_sum + (ent * cm).sum()
+                            else:
+                                lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
                             loss, st = policy_loss(lp, old, a, cm, mode=mode, ref_logprobs=rlp, beta=beta,
                                                    eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
                         (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
@@ -896,6 +905,7 @@ if __name__ == "__main__":
                 for key, v in st_sum.items():
                     m[key] = all_sum(v) / n_tok
                 m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
+                m['entropy'] = all_sum(ent_sum) / n_tok
                 m['t_update'] = time.time() - t3
         with nvtx.annotate('optimizer_step'):
             if grad_clip > 0:

@@ -17,10 +17,11 @@ def pytest_configure(config):
 
 @pytest.fixture(scope='session')
 def run_train():
-    """run(args, nproc=1, check=True) -> CompletedProcess of train.py (torchrun with gloo when nproc > 1)."""
-    def run(args, nproc=1, check=True):
-        launch = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                      f'--nproc_per_node={nproc}']
+    """run(args, nproc=1, check=True, torchrun=None) -> CompletedProcess of train.py (torchrun with gloo: nproc > 1 by default)."""
+    def run(args, nproc=1, check=True, torchrun=None):
+        torchrun = nproc > 1 if torchrun is None else torchrun
+        launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+                                     if torchrun else [])
         p = subprocess.run(launch + ['train.py'] + [str(a) for a in args], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         if check and p.returncode != 0:

@@ -91,6 +91,19 @@ def test_two_ranks_match_one_rank(run_a, run_b2):
 
 
 @pytest.mark.slow
+def test_torchrun_with_one_rank_matches_a_plain_process(run_train, run_c, tmp_path):
+    # under torchrun even 1 rank is FSDP2-sharded (DTensor weights): the losses and the saved weights must match
+    # (saving once took the plain path and failed inside safetensors; found on the first GPU run)
+    from safetensors.torch import load_file
+    run_train(ARGS + [f'--out_dir={tmp_path}', '--max_iters=3', '--micro_batch_size=16'], torchrun=True)
+    assert_same(metrics(tmp_path), metrics(run_c), 1e-5, 'torchrun with 1 rank vs a plain process')
+    got, want = load_file(tmp_path / 'ckpt' / 'model.safetensors'), load_file(run_c / 'ckpt' / 'model.safetensors')
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(run_train, run_b2, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(run_b2 / 'leg1_ckpt', out / 'ckpt_000003')
