@@ -225,6 +225,27 @@ def test_on_policy_loss_is_zero_for_grpo_but_gradient_is_not():
     torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-6)
 
 
+def test_on_policy_skip_of_the_old_forward_is_exact():
+    # num_iterations 1: train.py takes old = the update forward's own log-probs, detached, instead of a separate
+    # no-grad forward. That is exact only if the no-grad forward gives the same bits, entropy included.
+    tok = train.Tokenizer.bytes_level()
+    model = train.build_model(dict(init_from='scratch', n_embd=32, n_ff=64, n_layer=2, n_head=4, n_kv_head=2,
+                                   seed=0, master_dtype='fp32'), tok)
+    ids, attn, cm = train.collate_rl([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], 0)
+    A = torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        old, ent0 = train.token_logprobs(model, ids, attn, 4, 0.7, 3, entropy=True, vocab=tok.n_vocab)
+    grads = []
+    for use_own in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp, ent = train.token_logprobs(model, ids, attn, 4, 0.7, 3, entropy=True, vocab=tok.n_vocab)
+        assert torch.equal(lp.detach(), old) and torch.equal(ent, ent0)
+        loss, _ = train.policy_loss(lp, lp.detach() if use_own else old, A, cm, mode='dapo', eps_high=0.28)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
 def test_policy_loss_rejects_unknown_mode():
     logp, old, A, mask, _ = example()
     with pytest.raises(ValueError, match='mode'):
@@ -543,6 +564,7 @@ res = {(mode, m): grads(mode, m) for mode in ('grpo', 'dr_grpo', 'dapo') for m i
 if rank == 0:
     torch.save(res, sys.argv[1])
 if ddp:
+    dist.barrier()  # no rank tears gloo down while another is still in it
     dist.destroy_process_group()
 '''
 
