@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # gpu_check.sh: everything worth a lent GPU in one call (about 5 minutes on one H100/H200), output in $OUT or ./gpu-out.
-#   1. train.py on cuda: tiny sft, then each rl mode for 3 steps (single-GPU path: fp32 master + bf16 autocast)
+#   1. train.py on cuda: tiny sft, each rl mode for 3 steps on the single-GPU path (fp32 master + bf16 autocast),
+#      and dapo under torchrun with 1 rank (FSDP2 on nccl, bf16 MixedPrecisionPolicy, gathered rollouts)
 #   2. bench.py on a random-weight Qwen2.5-3B-shaped model at real sizes: engine vs model.generate, train step, mfu
+# the machine has no network: a missing nvtx comes from wheels in .whl/ (see README, GPU recipe)
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-gpu-out}; mkdir -p "$out"
-python -m pip install -q -r requirements.txt 2>&1 | tail -1
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+python -c 'import nvtx' 2>/dev/null || { python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; }
+{ nvidia-smi --query-gpu=name,memory.total --format=csv
+  python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)'; } | tee "$out/gpu.txt"
 python train.py config/tiny.py --device=cuda --out_dir=/tmp/g-sft --max_iters=60 2>&1 | tail -2 | tee "$out/train.txt"
 for m in grpo dr_grpo dapo; do
   python train.py config/tiny.py --device=cuda --mode=$m --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-$m \
     --max_iters=3 --overlong=soft --overlong_buffer=40 2>&1 | tail -1 | tee -a "$out/train.txt"
 done
+torchrun --standalone --nproc_per_node=1 train.py config/tiny.py --device=cuda --mode=dapo --init_from=/tmp/g-sft/ckpt \
+  --out_dir=/tmp/g-fsdp --max_iters=3 --overlong=soft --overlong_buffer=40 2>&1 | tail -1 | tee -a "$out/train.txt"
 python bench.py --preset qwen3b --device cuda --prompts 8 --group_size 8 --new_tokens 256 --prompt_len 128 \
-  --micro_batch 1 --seq_len 1024 --repeats 2 2>&1 | tail -3 | tee "$out/bench.txt"
+  --micro_batch 4 --seq_len 1024 --repeats 2 2>&1 | tail -3 | tee "$out/bench.txt"
+python bench.py --preset qwen3b --device cuda --prompts 16 --group_size 8 --new_tokens 512 --prompt_len 128 \
+  --skip train --repeats 1 2>&1 | tail -1 | tee -a "$out/bench.txt"
