@@ -482,6 +482,22 @@ def test_dapo_step_without_signal_is_logged_and_checkpointed(tmp_path):
     assert m['step'] == 1 and m['gen_rounds'] == 1 and m['zero_std_frac'] == 1
 
 
+@pytest.mark.slow
+def test_rl_resume_draws_the_same_samples(sft_ckpt, tmp_path):
+    # sampling seeds come from (seed, step, round, rank) and the prompt stream from data_pos, so a dapo run cut
+    # after step 2 and resumed must log what the uninterrupted run logged (rewards, lengths, rounds, loss)
+    base = ['train.py'] + RL + ['--mode=dapo', f'--init_from={sft_ckpt}', '--max_iters=4']
+    run(base + [f'--out_dir={tmp_path / "a"}'])
+    run(base + [f'--out_dir={tmp_path / "b"}', '--max_iters=2'])
+    run(base + [f'--out_dir={tmp_path / "b"}', '--init_from=resume'])
+    a, b = metrics(tmp_path / 'a'), metrics(tmp_path / 'b')
+    assert [m['step'] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ('reward_mean', 'len_mean', 'gen_rounds', 'kept_groups', 'tokens'):
+            assert x[k] == y[k], (k, x, y)
+        assert math.isclose(x['loss'], y['loss'], rel_tol=1e-6, abs_tol=1e-9), (x, y)
+
+
 # -----------------------------------------------------------------------------
 # 2 ranks (gloo): a dapo run with dynamic sampling, and the real FSDP2 gradient vs 1 process
 
