@@ -560,6 +560,13 @@ def shaped_rewards(texts: list[str], golds: list[str], lengths: list[int], trunc
     return out
 
 
+def next_round_size(missing: int, keep_rate: float, batch_size: int, world: int) -> int:
+    """dynamic sampling: prompts for the next round, enough for the missing groups at the keep rate seen so far
+    plus one, in whole shares per rank, never more than a batch (regenerating a whole batch wasted most of it)"""
+    want = math.ceil(missing / max(keep_rate, 0.1)) + 1
+    return min(batch_size, math.ceil(want / world) * world)
+
+
 def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
     """dynamic sampling: indices of the first kept groups, at most target, a multiple of world (equal per rank)."""
     idx = [i for i, k in enumerate(keep) if k][:target]
@@ -777,13 +784,14 @@ if __name__ == "__main__":
             m['loss'] = all_sum(loss_sum)
             m['tokens'] = all_sum(sum(a.sum() for _, a, _ in micro).to(device))
         else:
-            per_rank = batch_size // world
             t0 = time.time()
             groups, rounds, kept_total, seen_total = [], 0, 0, 0
+            n_gen = batch_size  # prompts this round: the batch, then only what dynamic sampling still lacks
             # generation rounds: dapo keeps generating until batch_size non-constant groups (or max_gen_rounds)
             while True:
-                idx = step_indices(len(prompts), batch_size, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
-                data_pos += batch_size
+                per_rank = n_gen // world
+                idx = step_indices(len(prompts), n_gen, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
+                data_pos += n_gen
                 gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rounds * 101 + rank)
                 model.eval()
                 with nvtx.annotate('rollout_generation'), gathered(model), autocast:
@@ -825,6 +833,7 @@ if __name__ == "__main__":
                     all_groups = pool
                     groups = [pool[i] for i in sel[rank * share:(rank + 1) * share]]
                     break
+                n_gen = next_round_size(batch_size - sum(keep), sum(keep) / len(keep), batch_size, world)
             m['t_rollout'] = time.time() - t0 - m['t_reward']
             if mode == 'dapo' and dynamic_sampling:
                 m['gen_rounds'], m['kept_groups'] = rounds, len(groups) * world

@@ -352,6 +352,17 @@ def test_select_groups_table(keep, target, world, want):
     assert train.select_groups(keep, target, world) == want
 
 
+@pytest.mark.parametrize('missing,rate,batch,world,want', [
+    (3, 13 / 16, 16, 1, 5),   # 3 / 0.8125 = 3.7 -> 4, plus one
+    (3, 13 / 16, 16, 2, 6),   # in whole shares: 3 prompts per rank
+    (1, 1.0, 16, 1, 2),
+    (16, 0.0, 16, 2, 16),     # nothing kept yet: a whole batch, never more
+    (10, 0.5, 16, 4, 16),     # 21 wanted, capped at the batch
+])
+def test_next_round_size_table(missing, rate, batch, world, want):
+    assert train.next_round_size(missing, rate, batch, world) == want
+
+
 def test_select_groups_properties():
     g = torch.Generator().manual_seed(3)
     for _ in range(200):
