@@ -15,10 +15,10 @@ l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), logp from logit
    loss = sum of token losses / (sequences x max_new_tokens), a constant, so no length bias.
 3. dapo (https://arxiv.org/abs/2503.14476): A as grpo; no reference; clip-higher (eps_high 0.28);
    loss = sum of token losses / completion tokens; dynamic sampling (groups whose G rewards are all equal
-   are dropped and more prompts generated); overlong reward shaping.
+   are dropped and only the missing share regenerated); overlong reward shaping.
 Every denominator spans the whole optimizer step (all micro-batches on all ranks), so 1 or 4 micro-batches
-and 1 or 2 ranks give the same gradient. Old log-probs are recomputed by the training forward pass, so with
-num_iterations=1 the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward).
+and 1 or 2 ranks give the same gradient. With num_iterations=1 the old log-probs are the update forward's own,
+detached, so the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward).
 """
 import contextlib
 import inspect

@@ -4,8 +4,8 @@
 exec(open('config/demo.py').read())
 out_dir = 'out-demo/rl'
 mode = 'dapo'
-max_iters = 200
-lr_decay_iters = 200
+max_iters = 260
+lr_decay_iters = 260
 warmup_iters = 2
 learning_rate = 5e-5  # 1e-4 gained half as much, 2e-4 lost accuracy within 5 steps
 min_lr = 5e-5
