@@ -1,5 +1,6 @@
 # the CPU demo: a ~1M-parameter scratch model learns 4-term, 1-digit arithmetic with a <think> trace (sft),
-# then rl sharpens it (greedy accuracy up by >10 points in 200 steps). demo.py runs sft -> rl -> eval; the rl stage overrides mode, init_from and the rest.
+# then rl sharpens it (greedy accuracy +13.8 points for seed 1337, +5.3 on average over seeds 1-3; see README).
+# demo.py runs sft -> rl -> eval; the rl stage overrides mode, init_from and the rest.
 out_dir = 'out-demo/sft'
 init_from = 'scratch'
 dataset = 'arith'
