@@ -123,7 +123,6 @@ def bench_train(model, tok, args) -> dict:
         sync()
         times.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
 
-    step()  # optimizer state exists before the timed steps
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     dt = timed(step, args.repeats, args.device)

@@ -3,7 +3,7 @@
 #   1. train.py on cuda: tiny sft, each rl mode for 3 steps on the single-GPU path (fp32 master + bf16 autocast),
 #      and dapo under torchrun with 1 rank (FSDP2 on nccl, bf16 MixedPrecisionPolicy, gathered rollouts)
 #   2. bench.py on a random-weight Qwen2.5-3B-shaped model at real sizes: engine vs model.generate, train step, mfu
-# the machine has no network: a missing nvtx comes from wheels in .whl/ (see README, GPU recipe)
+# the machine has no network: a missing nvtx is installed from wheels carried in .whl/
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-gpu-out}; mkdir -p "$out"
