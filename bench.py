@@ -62,7 +62,8 @@ def bench_rollout(model, tok, args) -> dict:
     if args.ckpt:
         with open(os.path.join(args.ckpt, 'train_state.json')) as f:
             cfg = json.load(f)['config']
-        rows = train.arith_problems(args.prompts, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'])
+        rows = train.arith_problems(args.prompts, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
+                                   task=cfg.get('arith_task', 'chain'))
         prompts = [tok.encode(train.format_prompt(r['question'], cfg['prompt_template'], tok, '')) for r in rows]
         eos = [tok.token_id(tok.default_eos(cfg['prompt_template']))]
     else:

@@ -34,7 +34,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def load_problems(args, cfg: dict) -> list[dict]:
     """-> [{'id', 'question', 'gold'}] for one dataset name, or args.data."""
     if args.dataset == 'arith':
-        rows = train.arith_problems(args.limit or 500, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'])
+        rows = train.arith_problems(args.limit or 500, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
+                                   task=cfg['arith_task'])
         return [{'id': f'arith-{i}', 'question': r['question'], 'gold': r['answer']} for i, r in enumerate(rows)]
     if args.dataset in ('gsm8k', 'math500'):
         import datasets
@@ -178,7 +179,7 @@ def main(argv=None):
         raise SystemExit(f"--data {args.data!r}: no such file (needed for --dataset jsonl)")
     ks = [int(k) for k in args.k.split(',')]
     cfg = {'prompt_template': args.prompt_template or 'r1', 'system_prompt': 'You are a helpful assistant.',
-           'eos_token': '', 'seed': 1337, 'arith_terms': 3, 'arith_digits': 2}
+           'eos_token': '', 'seed': 1337, 'arith_terms': 3, 'arith_digits': 2, 'arith_task': 'chain'}
     path = args.ckpt or args.model
     if args.ckpt:
         path = os.path.realpath(os.path.join(path, 'ckpt') if os.path.isdir(os.path.join(path, 'ckpt')) else path)

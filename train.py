@@ -60,6 +60,7 @@ max_seq_len = 1024  # sft: longer examples are dropped and counted in the log
 arith_terms = 3  # 'arith': numbers per problem (terms - 1 operations)
 arith_digits = 2  # 'arith': digits per number
 arith_trace_frac = 1.0  # 'arith': fraction of sft traces that show the steps; the rest answer with an empty think
+arith_task = 'chain'  # 'arith': 'chain' (+/- with a running total) | 'column' (sums added column by column)
 # model ('scratch' only: a Qwen2-architecture model with random weights and an offline byte tokenizer)
 n_layer = 2
 n_head = 4
@@ -181,27 +182,36 @@ def format_prompt(question: str, template: str, tok: Tokenizer, system: str) -> 
 # data: every source becomes rows {'question', 'reasoning', 'answer'}
 
 
-def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace_frac: float = 1.0) -> list[dict]:
+def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace_frac: float = 1.0,
+                   task: str = 'chain') -> list[dict]:
     """synthetic multi-step arithmetic; train and test are disjoint by a hash of the problem text.
 
-    with trace_frac < 1 some traces skip the steps (`<think></think>` then the answer): a tiny model cannot
-    add four numbers in one token, so those answers are mostly wrong, which rl can discover and unlearn."""
+    'chain': `7 - 3 + 9 = ?`, the trace keeps a running total. 'column': `457 + 389 = ?`, the trace adds column by
+    column from the right with carries (`7+9=16`, `5+8+1=14`, `4+3+1=8`), which a tiny model can follow but
+    cannot shortcut. with trace_frac < 1 some traces skip the steps (`<think></think>` then the answer)."""
     rng = random.Random(f'{seed}-{split}')
     rows, seen, lo, hi = [], set(), 10 ** (digits - 1), 10 ** digits - 1
     for _ in range(100 * n):  # small settings have fewer distinct problems than asked for: stop, don't spin
         if len(rows) == n:
             break
         nums = [rng.randint(lo, hi) for _ in range(terms)]
-        ops = [rng.choice('+-') for _ in range(terms - 1)]
+        ops = [rng.choice('+-') if task == 'chain' else '+' for _ in range(terms - 1)]
         q = ' '.join([str(nums[0])] + [f'{o} {x}' for o, x in zip(ops, nums[1:])])
         if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == 'test'):  # 10% of problems are test
             continue
         seen.add(q)
         steps, acc = [], nums[0]
-        for o, x in zip(ops, nums[1:]):
-            new = acc + x if o == '+' else acc - x
-            steps.append(f'{acc} {o} {x} = {new}')
-            acc = new
+        if task == 'chain':
+            for o, x in zip(ops, nums[1:]):
+                new = acc + x if o == '+' else acc - x
+                steps.append(f'{acc} {o} {x} = {new}')
+                acc = new
+        else:
+            carry, acc = 0, sum(nums)
+            for i in range(digits):  # column i from the right; the last line's sum leads the answer
+                col = [x // 10 ** i % 10 for x in nums] + ([carry] if carry else [])
+                steps.append('+'.join(map(str, col)) + f'={sum(col)}')
+                carry = sum(col) // 10
         shown = rng.random() < trace_frac
         rows.append({'question': f'{q} = ?', 'reasoning': '\n'.join(steps) if shown else '', 'answer': str(acc)})
     return rows
@@ -231,7 +241,7 @@ def load_rows(cfg: dict, split: str, n_arith: int = 20000) -> list[dict]:
     name = cfg['dataset']
     if name == 'arith':
         return arith_problems(n_arith, split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
-                              cfg['arith_trace_frac'])
+                              cfg['arith_trace_frac'], cfg['arith_task'])
     if name.endswith('.jsonl'):
         with open(name) as f:
             raw = []
@@ -648,6 +658,9 @@ def validate(c: dict, world: int):
               'max_gen_rounds', 'max_seq_len', 'logprob_chunk', 'ckpt_interval', 'log_interval'):
         need(c[k] >= 1, f"{k} = {c[k]}, expected >= 1")
     need(0 <= c['arith_trace_frac'] <= 1, f"arith_trace_frac = {c['arith_trace_frac']}, expected in [0, 1]")
+    need(c['arith_task'] in ('chain', 'column'), f"arith_task = {c['arith_task']!r}, expected 'chain' or 'column'")
+    need(c['arith_terms'] >= 2 and c['arith_digits'] >= 1,
+         f"arith_terms = {c['arith_terms']}, arith_digits = {c['arith_digits']}, expected >= 2 and >= 1")
     need(c['lr_decay_iters'] >= c['warmup_iters'] >= 0,
          f"lr_decay_iters ({c['lr_decay_iters']}) must be >= warmup_iters ({c['warmup_iters']}) >= 0")
     need(c['device'] in ('cpu', 'cuda') or c['device'].startswith('cuda:'), f"device = {c['device']!r}, expected 'cpu' or 'cuda'")

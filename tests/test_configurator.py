@@ -186,6 +186,7 @@ def test_overrides_silent_on_other_ranks(capsys, monkeypatch):
     (['--learnig_rate=1'], ['learnig_rate', 'learning_rate']),
     (['--mode=ppo'], ['mode', 'ppo']),
     (['--batch_size=10', '--micro_batch_size=4'], ['batch_size (10)', '4']),
+    (['--arith_task=columns'], ['arith_task', "'columns'", "'column'"]),
 ])
 def test_train_py_rejects_bad_settings(run_train, tmp_path, args, needles):
     p = run_train(['config/tiny.py', f'--out_dir={tmp_path / "out"}'] + args, check=False)

@@ -124,6 +124,39 @@ def test_gsm8k_rows_convert():
     assert train.completion_text(rows[1]).endswith('dozen eggs</think><answer>2</answer>')
 
 
+def test_arith_column_trace_worked_by_hand():
+    r = train.arith_problems(1, 'train', seed=1, terms=2, digits=3, task='column')[0]
+    # 675 + 445: 5+5 = 10 (carry 1), 7+4+1 = 12 (carry 1), 6+4+1 = 11, so 1120
+    assert r == {'question': '675 + 445 = ?', 'reasoning': '5+5=10\n7+4+1=12\n6+4+1=11', 'answer': '1120'}
+
+
+@pytest.mark.parametrize('task,terms,digits', [('chain', 4, 1), ('chain', 3, 2), ('column', 2, 3), ('column', 3, 4)])
+def test_arith_traces_add_up_and_splits_are_disjoint(task, terms, digits):
+    train_rows = train.arith_problems(3000, 'train', 5, terms, digits, task=task)
+    test_rows = train.arith_problems(300, 'test', 5, terms, digits, task=task)
+    assert not {r['question'] for r in train_rows} & {r['question'] for r in test_rows}
+    for r in train_rows + test_rows:
+        assert int(r['answer']) == eval(r['question'].removesuffix(' = ?'))
+        lines = r['reasoning'].split('\n')
+        assert len(lines) == (terms - 1 if task == 'chain' else digits)
+        for line in lines:  # every step is true arithmetic
+            lhs, rhs = line.split('=')
+            assert eval(lhs) == int(rhs), line
+        if task == 'column':  # the answer is the last column's sum, then each earlier column's last digit
+            sums = [line.split('=')[1] for line in lines]
+            assert r['answer'] == sums[-1] + ''.join(s[-1] for s in reversed(sums[:-1]))
+        else:
+            assert lines[-1].split(' = ')[1] == r['answer']
+
+
+def test_arith_trace_frac_skips_that_share_of_traces():
+    rows = train.arith_problems(4000, 'train', 0, 2, 3, trace_frac=0.3, task='column')
+    shown = sum(r['reasoning'] != '' for r in rows) / len(rows)
+    assert abs(shown - 0.3) < 0.03, shown  # binomial sd is 0.007
+    full = train.arith_problems(4000, 'train', 0, 2, 3, trace_frac=1.0, task='column')
+    assert [r['question'] for r in rows] == [r['question'] for r in full], "skipping must not change the problems"
+
+
 @pytest.mark.parametrize('bad,field,needle', [
     ({'answer': 'x #### 1'}, 'question', 'missing'),
     ({'question': 'q', 'answer': '   '}, 'answer', 'missing'),
