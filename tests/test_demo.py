@@ -10,6 +10,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def shown(completion: str) -> bool:
+    _, opened, rest = completion.partition('<think>')
+    body, closed, _ = rest.partition('</think>')
+    return bool(opened and closed and body.strip())
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -28,7 +34,7 @@ def test_demo_quick(tmp_path):
         demo = json.load(f)
     assert list(demo) == ['sft', 'dapo']
     lines = p.stdout.splitlines()
-    assert '| stage | greedy acc | pass@2 | mean length | train time | eval time |' in lines
+    assert '| stage | greedy acc | pass@2 | mean length | greedy shows work | train time | eval time |' in lines
     for stage in ('sft', 'dapo'):
         out = tmp_path / f'eval-{stage}'
         with open(out / 'summary.json') as f:
@@ -43,9 +49,25 @@ def test_demo_quick(tmp_path):
         assert demo[stage]['train_s'] > 0 and demo[stage]['eval_s'] > 0
         row = next((x for x in lines if x.startswith(f'| {stage} |')), None)
         assert row is not None, f"no table row for {stage} in:\n{p.stdout[-2000:]}"
-        m = re.match(r'\| \w+ \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \|', row)
+        m = re.match(r'\| \w+ \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| (\d+)% \|', row)
         assert m, row
+        with open(out / results[0]) as f:
+            work = sum(shown(json.loads(x)['greedy']['completion']) for x in f) / 20
+        assert demo[stage]['shows_work'] == work
         assert [float(x) for x in m.groups()] == pytest.approx(
-            [round(100 * s['pass@1_greedy'], 1), round(100 * s['pass@2'], 1), round(s['len_mean'], 1)], abs=0.051)
+            [round(100 * s['pass@1_greedy'], 1), round(100 * s['pass@2'], 1), round(s['len_mean'], 1),
+             round(100 * work)], abs=0.051)
     # eval of the rl stage read the rl checkpoint: the command demo.py printed names it
     assert any(x.startswith('$ ') and 'eval.py' in x and f"--ckpt {tmp_path / 'dapo' / 'ckpt'}" in x for x in lines)
+
+
+def test_shows_work_counts_non_empty_think(tmp_path):
+    """the table's 'greedy shows work' column, on completions written by hand: 1 of 4 shows its steps."""
+    import demo
+    done = ['<think></think><answer>7</answer>', '<think>5+5=10\n1+1=2</think><answer>200</answer>',
+            'no tags at all', '<think> \n</think><answer>3</answer>']
+    with open(tmp_path / 'results-arith-x.jsonl', 'w') as f:
+        for c in done:
+            f.write(json.dumps({'greedy': {'completion': c}}) + '\n')
+    (tmp_path / 'results-arith-x.rank0.jsonl').write_text('')  # rank files are not the merged results
+    assert demo.shows_work(str(tmp_path)) == 0.25

@@ -15,9 +15,9 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
-# the tiny checkpoint is trained on a task that differs from eval.py's fallbacks (seed 1337, 3 terms, 2 digits),
-# so `--dataset arith` can only match train.arith_problems if it reads the settings from the checkpoint
-SEED, TERMS, DIGITS = 7, 4, 2
+# the tiny checkpoint is trained on a task that differs from eval.py's fallbacks (seed 1337, 3 terms, 2 digits,
+# 'chain'), so `--dataset arith` can only match train.arith_problems if it reads the settings from the checkpoint
+SEED, TERMS, DIGITS, TASK = 7, 4, 2, 'column'
 GEN = ['--limit', '6', '--max_new_tokens', '24', '--n_samples', '3', '--k', '1,2', '--batch_size', '2']
 
 
@@ -67,7 +67,7 @@ def real_rows(name, n):
 def sft(tmp_path_factory):
     out = tmp_path_factory.mktemp('sft')
     p = subprocess.run([sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out}', '--max_iters=30',
-                        f'--seed={SEED}', f'--arith_terms={TERMS}', f'--arith_digits={DIGITS}'],
+                        f'--seed={SEED}', f'--arith_terms={TERMS}', f'--arith_digits={DIGITS}', f'--arith_task={TASK}'],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return str(out)
@@ -275,11 +275,11 @@ def test_arith_reads_task_from_checkpoint(sft, tmp_path):
     run_eval(['--ckpt', sft, '--dataset', 'arith', '--limit', '8', '--max_new_tokens', '4', '--batch_size', '8',
               '--out', tmp_path])
     rows = read_jsonl(one(tmp_path, '4.jsonl'))
-    want = train.arith_problems(8, 'test', SEED, TERMS, DIGITS)
+    want = train.arith_problems(8, 'test', SEED, TERMS, DIGITS, task=TASK)
     assert [(r['question'], r['gold']) for r in rows] == [(w['question'], w['answer']) for w in want]
     assert all(len(r['question'].split()) == 2 * TERMS + 1 for r in rows)  # 4 numbers, 3 operators, '= ?'
     assert all(r['prompt'] == r['question'] + '\n' for r in rows)
-    seen = {r['question'] for r in train.arith_problems(20000, 'train', SEED, TERMS, DIGITS)}  # what sft trained on
+    seen = {r['question'] for r in train.arith_problems(20000, 'train', SEED, TERMS, DIGITS, task=TASK)}  # sft's
     assert not seen & {r['question'] for r in rows}
     s = summary(tmp_path)['arith']
     assert s['n'] == 8 and 'pass@1_greedy' in s and 'pass@1_sampled' not in s  # no --n_samples: greedy only
