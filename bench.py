@@ -18,8 +18,8 @@ import train
 
 PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2), random weights
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ff=512, vocab=None),
-    'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936),
-}
+    'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936, n_tok=151665),
+}  # n_tok: the real tokenizer's size (Qwen2.5: 151,665 ids, 151,936 embedding rows); the log-softmax and sampler span it
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16
 
 
@@ -29,6 +29,8 @@ def build(preset: str, device: str, ckpt: str = ''):
         dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval(), train.Tokenizer.load(ckpt)
     p, tok = PRESETS[preset], train.Tokenizer.bytes_level()
+    # the byte tokenizer stands in for qwen's, at qwen's size: random prompts, no stop strings, so nothing is decoded
+    tok.n_vocab = p.get('n_tok', tok.n_vocab)
     mc = Qwen2Config(vocab_size=p['vocab'] or 320, hidden_size=p['n_embd'], intermediate_size=p['n_ff'],
                      num_hidden_layers=p['n_layer'], num_attention_heads=p['n_head'],
                      num_key_value_heads=p['n_kv_head'], max_position_embeddings=8192, tie_word_embeddings=True)
@@ -64,7 +66,7 @@ def bench_rollout(model, tok, args) -> dict:
             cfg = json.load(f)['config']
         rows = train.arith_problems(args.prompts, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
                                    task=cfg.get('arith_task', 'chain'))
-        prompts = [tok.encode(train.format_prompt(r['question'], cfg['prompt_template'], tok, '')) for r in rows]
+        prompts = [tok.encode_prompt(train.format_prompt(r['question'], cfg['prompt_template'], tok, '')) for r in rows]
         eos = [tok.token_id(tok.default_eos(cfg['prompt_template']))]
     else:
         prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]

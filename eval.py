@@ -66,7 +66,7 @@ def score(text: str, gold: str, n_tokens: int, truncated: bool) -> dict:
 
 def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int], seed: int) -> list[dict]:
     prompts = [train.format_prompt(p['question'], cfg['prompt_template'], tok, cfg['system_prompt']) for p in batch]
-    ids = [tok.encode(p) for p in prompts]
+    ids = [tok.encode_prompt(p) for p in prompts]
     runs = [('greedy', 1, 0.0)] + ([('samples', args.n_samples, args.temperature)] if args.n_samples else [])
     res = [dict(p, prompt=q) for p, q in zip(batch, prompts)]
     for key, n, temp in runs:
@@ -114,7 +114,13 @@ def summarize(rows: list[dict], ks: list[int], temperature: float) -> dict:
         s['pass@1_sampled'] = sum(c / n for c in cs) / len(rows)
         for k in sorted({k for k in ks if 1 < k <= n} | {2 ** i for i in range(1, int(math.log2(n)) + 1)}):
             s[f'pass@{k}'] = sum(pass_at_k(n, c, k) for c in cs) / len(rows)
-        s['gap'] = s[f'pass@{max(k for k in ks if k <= n)}'] - s['pass@1_greedy']
+        s['skipped_k'] = [k for k in ks if k > n]  # pass@k needs k <= n samples: noted, never fatal
+        if s['skipped_k']:
+            print(f"pass@{','.join(map(str, s['skipped_k']))} skipped: only {n} samples per problem", file=sys.stderr)
+        # the gap uses the largest k asked for that was computed, else the largest computed at all
+        kg = max((k for k in ks if 1 < k <= n), default=max((k for k in range(2, n + 1) if f'pass@{k}' in s), default=1))
+        s['gap_k'] = kg
+        s['gap'] = s[f'pass@{kg}' if kg > 1 else 'pass@1_sampled'] - s['pass@1_greedy']
     return s
 
 

@@ -124,6 +124,9 @@ class Tokenizer:
     def __init__(self, hf=None, enc=None):
         self.hf, self.enc = hf, enc
         self.n_vocab = len(hf) if hf is not None else enc.n_vocab  # ids >= n_vocab are never sampled
+        # the bos a prompt starts with: llama, mistral, gemma add it only through add_special_tokens; qwen has none
+        b = hf.bos_token_id if hf is not None else None
+        self.bos = b if b is not None and hf.encode('a', add_special_tokens=True)[:1] == [b] else None
 
     @staticmethod
     def bytes_level():
@@ -144,6 +147,12 @@ class Tokenizer:
         if self.hf is not None:
             return self.hf.encode(text, add_special_tokens=False)
         return self.enc.encode(text, allowed_special='all')
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """a prompt starts with bos exactly when the tokenizer would add one; a bos the template already wrote (llama 3's
+        chat template) is not doubled, an eos some tokenizers append is not taken; completions use encode."""
+        ids = self.encode(text)
+        return [self.bos] + ids if self.bos is not None and ids[:1] != [self.bos] else ids
 
     def decode(self, ids: list[int]) -> str:
         if self.hf is not None:
@@ -266,7 +275,7 @@ def tokenize_sft(rows: list[dict], tok: Tokenizer, template: str, system: str, e
     """-> ([(ids, n_prompt)], n_dropped): completion and eos carry the loss, the prompt does not."""
     out, dropped = [], 0
     for r in rows:
-        p = tok.encode(format_prompt(r['question'], template, tok, system))
+        p = tok.encode_prompt(format_prompt(r['question'], template, tok, system))
         ids = p + tok.encode(completion_text(r)) + [eos_id]
         if len(ids) > max_len:
             dropped += 1
@@ -338,6 +347,13 @@ def shard(model, mesh, param_dtype):
     return model
 
 
+def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
+    """the frozen reference must compute exactly as the policy did at step 0, or the kl is not 0 there. fsdp2 on gpus
+    casts both to bf16 for compute (MixedPrecisionPolicy), so bf16 storage is the same numbers at half the memory;
+    elsewhere autocast (one gpu) or nothing (cpu) runs on the stored weights, so store them as the policy does."""
+    return 'bf16' if cuda and ddp else master_dtype
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -348,6 +364,13 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.state_dtype = state_dtype
+
+    def load_state_dict(self, state_dict: dict):
+        super().load_state_dict(state_dict)  # casts floating state to the parameter's dtype: fp32 moments
+        for st in self.state.values():  # back to state_dtype, or a resume costs +6.2 GB per gpu at 3B (bf16 -> fp32)
+            for k in ('m', 'v'):
+                if k in st:
+                    st[k] = st[k].to(self.state_dtype)
 
     @torch.no_grad()
     def step(self):
@@ -570,6 +593,19 @@ def shaped_rewards(texts: list[str], golds: list[str], lengths: list[int], trunc
     return out
 
 
+def group_sums(groups: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """this rank's sums for the step's statistics -> (reward sum, sum of squares, completions, tokens, truncated,
+    correct, constant-reward groups, groups) (8,) float64 and the longest completion (1,). built on the device
+    the collectives run on: nccl refuses host tensors (gloo does not, so only a gpu run showed it)."""
+    r = [x for g in groups for x in g['rewards']]
+    cl = [len(c) for g in groups for c in g['comps']]
+    sums = [sum(r), sum(x * x for x in r), len(r), sum(cl), sum(x for g in groups for x in g['trunc']),
+            sum(x for g in groups for x in g['correct']), sum(max(g['rewards']) - min(g['rewards']) <= 1e-6 for g in groups),
+            len(groups)]
+    return (torch.tensor(sums, dtype=torch.float64, device=device),
+            torch.tensor([float(max(cl, default=0))], device=device))
+
+
 def next_round_size(missing: int, keep_rate: float, batch_size: int, world: int) -> int:
     """dynamic sampling: prompts for the next round, enough for the missing groups at the keep rate seen so far
     plus one, in whole shares per rank, never more than a batch (regenerating a whole batch wasted most of it)"""
@@ -732,7 +768,7 @@ if __name__ == "__main__":
     model.to(device)
     ref = None
     if mode == 'grpo' and beta > 0:  # frozen, sharded like the policy, from the run's original init
-        ref_cfg = dict(config, init_from=state['init_from'], master_dtype='bf16' if cuda else 'fp32')
+        ref_cfg = dict(config, init_from=state['init_from'], master_dtype=ref_dtype(master_dtype, cuda, ddp))
         ref = build_model(ref_cfg, tok).requires_grad_(False).eval()
         ref = (shard(ref, mesh, param_dtype) if ddp else ref).to(device)
     autocast = torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()
@@ -760,7 +796,7 @@ if __name__ == "__main__":
         if not examples:
             raise SystemExit(f"no sft example fits max_seq_len = {max_seq_len}")
     else:
-        prompts = [tok.encode(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
+        prompts = [tok.encode_prompt(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
         log(f"data: {len(prompts)} rl prompts from {dataset}")
     eos_ids = [eos_id]
 
@@ -855,12 +891,7 @@ if __name__ == "__main__":
             else:
                 stat_groups = groups
             # statistics over all ranks, from what was generated
-            flat = lambda key: [x for g in stat_groups for x in g[key]]
-            rl, cl = torch.tensor(flat('rewards')), [len(c) for g in stat_groups for c in g['comps']]
-            sums = torch.tensor([rl.sum(), (rl ** 2).sum(), len(rl), sum(cl), sum(flat('trunc')), sum(flat('correct')),
-                                 sum(max(g['rewards']) - min(g['rewards']) <= 1e-6 for g in stat_groups), len(stat_groups)],
-                                dtype=torch.float64)
-            mx = torch.tensor([float(max(cl))])
+            sums, mx = group_sums(stat_groups, device)
             if ddp and not (mode == 'dapo' and dynamic_sampling):  # dapo's pool is already global
                 dist.all_reduce(sums)
                 dist.all_reduce(mx, op=dist.ReduceOp.MAX)
