@@ -3,6 +3,7 @@
     python demo.py                        # sft -> dapo -> eval on held-out problems (~6 min on 2 cores)
     python demo.py --mode grpo --seed 2   # or dr_grpo; --modes grpo,dr_grpo,dapo runs all three from one sft
     python demo.py --quick                # a few steps of each stage: the plumbing only (the test suite runs it)
+    python demo.py --overlap              # rl generates step N+1 from the weights before update N while N trains
 
 Stages are plain train.py / eval.py runs (config/demo.py, config/demo_rl.py), so each can be rerun by hand;
 their commands are printed. Ends with a before/after table and sample completions.
@@ -51,6 +52,7 @@ if __name__ == '__main__':
     ap.add_argument('--out', default='out-demo')
     ap.add_argument('--limit', type=int, default=500, help="held-out problems to evaluate")
     ap.add_argument('--quick', action='store_true', help="a few steps per stage (plumbing check)")
+    ap.add_argument('--overlap', action='store_true', help="rl: generate the next step while this one trains")
     args = ap.parse_args()
     # one thread: on a small model, 2 OpenMP threads on a busy 2-core machine are many times slower than one
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
@@ -64,7 +66,7 @@ if __name__ == '__main__':
     for mode in args.modes.split(','):
         rl = os.path.join(args.out, mode)
         t_rl = run([sys.executable, 'train.py', 'config/demo_rl.py', f'--mode={mode}', f'--out_dir={rl}',
-                    f'--init_from={os.path.join(sft, "ckpt")}'] + seed + quick, env)
+                    f'--init_from={os.path.join(sft, "ckpt")}', f'--overlap={args.overlap}'] + seed + quick, env)
         after, t_ev = evaluate(os.path.join(rl, 'ckpt'), os.path.join(args.out, f'eval-{mode}'), limit, args.quick, env)
         rows.append((mode, after, t_rl, t_ev))
     k = 'pass@2' if args.quick else 'pass@8'

@@ -21,6 +21,7 @@ and 1 or 2 ranks give the same gradient. With num_iterations=1 the old log-probs
 detached, so the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward).
 """
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -89,6 +90,7 @@ temperature = 1.0  # sampling temperature; log-probs use logits / temperature to
 top_p = 1.0  # < 1 changes the behaviour policy away from logits / T: keep 1 for rl
 stop_strings = ['</answer>']  # generation also stops on these (and on eos)
 num_iterations = 1  # mu: optimizer steps per rollout batch
+overlap = False  # generate step N+1 (from a frozen copy of the weights before update N) while update N runs
 beta = 0.1  # grpo: k3 KL coefficient
 eps_low = 0.2
 eps_high = 0.0  # 0 = the mode's default: 0.28 for dapo, else eps_low
@@ -306,6 +308,14 @@ def collate_sft(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.
         attn[i, :len(x)] = 1
         mask[i, n_prompt - 1:len(x) - 1] = 1  # target j is ids[j + 1]: the completion and eos, never the prompt
     return ids, attn, mask
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    """per-completion values (the engine's log-probs) -> (N, width), right-padded with 0 as collate_rl pads."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
 
 
 def collate_rl(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -532,6 +542,15 @@ def gathered(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
+@torch.no_grad()
+def refresh(infer, model):
+    """copy the policy's weights into the inference copy. under fsdp2 each full_tensor is an all-gather: every rank
+    calls this at the same point of the step, from the main thread, so the collectives line up."""
+    dst = dict(infer.named_parameters())
+    for name, p in model.named_parameters():
+        dst[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
 # -----------------------------------------------------------------------------
 # advantages and the policy loss
 
@@ -574,6 +593,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     else:
         raise ValueError(f"policy_loss: mode {mode!r} is not one of 'grpo', 'dr_grpo', 'dapo'")
     n = mask.sum().clamp(min=1)
+    stats['log_ratio'] = ((logprobs - old_logprobs).abs() * mask).sum().detach() / n  # staleness, when off-policy
     stats['clip_low'] = (((ratio < 1 - eps_low) & (A < 0)).float() * mask).sum().detach() / n
     stats['clip_high'] = (((ratio > 1 + eps_high) & (A > 0)).float() * mask).sum().detach() / n
     return loss, stats
@@ -623,7 +643,10 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
 # checkpoints: written to ckpt_NNNNNN.tmp, renamed, then the out_dir/ckpt symlink is swapped atomically
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank: int, world: int):
+def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank: int, world: int,
+                    pending=None):
+    """pending: an overlapped run's finished rollout of the next step (this rank's share), so a resume uses it as the
+    uninterrupted run would, rather than regenerating it from later weights."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
@@ -637,7 +660,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
-    torch.save({'optimizer': optimizer.state_dict(), 'rng': torch.get_rng_state(), 'world_size': world},
+    torch.save({'optimizer': optimizer.state_dict(), 'rng': torch.get_rng_state(), 'world_size': world, 'pending': pending},
                os.path.join(tmp, f'train_state_rank{rank}.pt'))
     if rank == 0:
         if model.config.tie_word_embeddings:
@@ -711,6 +734,7 @@ def validate(c: dict, world: int):
     need(c['init_from'] != 'scratch' or (c['n_embd'] % c['n_head'] == 0 and c['n_head'] % c['n_kv_head'] == 0),
          f"n_embd ({c['n_embd']}) must divide by n_head ({c['n_head']}), which must divide by n_kv_head ({c['n_kv_head']})")
     if c['mode'] == 'sft':
+        need(not c['overlap'], "overlap = True overlaps rl rollouts with updates; mode = 'sft' has no rollout")
         need(c['batch_size'] % (world * c['micro_batch_size']) == 0,
              f"batch_size ({c['batch_size']}) must be divisible by world_size x micro_batch_size "
              f"({world}x{c['micro_batch_size']})")
@@ -759,6 +783,9 @@ if __name__ == "__main__":
     tok = Tokenizer.bytes_level() if config['init_from'] == 'scratch' else Tokenizer.load(config['init_from'])
     eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
     model = build_model(config, tok)
+    infer = None  # overlap: the frozen copy rollouts generate from (bf16 on gpu); the optimizer never writes it
+    if overlap:
+        infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if cuda else None).requires_grad_(False).eval()
     pad_id = eos_id  # padding is never read: every mask comes from lengths, never from token values
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
@@ -771,7 +798,8 @@ if __name__ == "__main__":
         ref_cfg = dict(config, init_from=state['init_from'], master_dtype=ref_dtype(master_dtype, cuda, ddp))
         ref = build_model(ref_cfg, tok).requires_grad_(False).eval()
         ref = (shard(ref, mesh, param_dtype) if ddp else ref).to(device)
-    autocast = torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()
+    amp = lambda: torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()  # a new
+    # context per use: an autocast object keeps its previous state when entered, so two threads must not share one
     optimizer = AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                       state_dtype=DTYPES[optim_dtype])
     if rstate is not None:
@@ -781,7 +809,7 @@ if __name__ == "__main__":
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"mode {mode} | {n_params / 1e6:.2f}M params | world {world} | device {device} | master {master_dtype}"
-        f" | adam {optim_dtype} | init {config['init_from']}")
+        f" | adam {optim_dtype} | init {config['init_from']}" + (" | overlapped rollouts" if overlap else ''))
 
     def all_sum(x: torch.Tensor) -> torch.Tensor:
         if ddp:
@@ -799,6 +827,166 @@ if __name__ == "__main__":
         prompts = [tok.encode_prompt(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
         log(f"data: {len(prompts)} rl prompts from {dataset}")
     eos_ids = [eos_id]
+
+    def optimizer_step(m: dict):
+        with nvtx.annotate('optimizer_step'):
+            if grad_clip > 0:
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    # -----------------------------------------------------------------------------
+    # rl step = rollout (prompts in, scored groups out) then update (groups in, optimizer step done)
+
+    def rollout(step: int, data_pos: int, policy, pg=None) -> tuple[list[dict], dict, int]:
+        """one step's generation rounds from `policy` (the gathered model, or the inference copy when overlapped)
+        -> (this rank's groups, stats as floats, data_pos after). dapo keeps generating until batch_size groups
+        with distinct rewards (or max_gen_rounds). every collective here runs on pg."""
+        m, groups, rounds, t0 = {'t_reward': 0.0}, [], 0, time.time()
+        n_gen = batch_size  # prompts this round: the batch, then only what dynamic sampling still lacks
+        while True:
+            per_rank = n_gen // world
+            idx = step_indices(len(prompts), n_gen, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
+            data_pos += n_gen
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rounds * 101 + rank)
+            policy.eval()
+            with nvtx.annotate('rollout_generation'), gathered(policy), amp():
+                out = generate(policy, [prompts[i] for i in idx], n_samples=group_size, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, eos_ids=eos_ids, stop_strings=stop_strings,
+                               tok=tok, pad_id=pad_id, generator=gen)
+            policy.train(policy is model)
+            rounds += 1
+            t1 = time.time()
+            with nvtx.annotate('reward_computation'):
+                lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()  # host sync
+                ids, lps = out['ids'].tolist(), out['logprobs'].tolist()  # host sync
+                comp = [ids[i][:n] for i, n in enumerate(lens)]
+                texts = [tok.decode([x for x in c if x not in eos_ids]) for c in comp]
+                golds = [rows[i]['answer'] for i in idx for _ in range(group_size)]
+                rew = shaped_rewards(texts, golds, lens, trunc, kind=overlong, max_new_tokens=max_new_tokens,
+                                     penalty=overlong_penalty, buffer=overlong_buffer, factor=overlong_factor,
+                                     fmt=format_reward)
+                correct = [rewards.is_correct(rewards.extract_answer(t), g) for t, g in zip(texts, golds)]
+            for j, i in enumerate(idx):  # lps: the behaviour policy's log-probs, the overlapped update's old ones
+                s = slice(j * group_size, (j + 1) * group_size)
+                groups.append({'prompt': prompts[i], 'comps': comp[s], 'rewards': rew[s], 'trunc': trunc[s],
+                               'correct': correct[s], 'lps': [lp[:n] for lp, n in zip(lps[s], lens[s])]})
+            m['t_reward'] += time.time() - t1
+            if mode != 'dapo' or not dynamic_sampling:
+                stat_groups = groups
+                break
+            # dynamic sampling: every rank sees every group, so all agree on what is kept (no hang)
+            every = [groups]
+            if ddp:
+                every = [None] * world
+                dist.all_gather_object(every, groups, group=pg)
+            pool = [g for r in range(world) for g in every[r]]  # round-robin order is irrelevant: all ranks agree
+            keep = [max(g['rewards']) - min(g['rewards']) > 1e-6 for g in pool]  # exact test, not std > 0
+            if sum(keep) >= batch_size or rounds >= max_gen_rounds:
+                sel = select_groups(keep, batch_size, world)
+                share = len(sel) // world
+                stat_groups, groups = pool, [pool[i] for i in sel[rank * share:(rank + 1) * share]]
+                m.update(gen_rounds=rounds, kept_groups=len(sel), zero_std_frac=1 - sum(keep) / len(pool))
+                break
+            n_gen = next_round_size(batch_size - sum(keep), sum(keep) / len(keep), batch_size, world)
+        m['t_rollout'] = time.time() - t0 - m['t_reward']
+        # statistics over all ranks, from everything generated (dapo's pool is already global)
+        sums, mx = group_sums(stat_groups, device)
+        if ddp and not (mode == 'dapo' and dynamic_sampling):
+            dist.all_reduce(sums, group=pg)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=pg)
+        s, n = sums.tolist(), sums[2].item()  # host sync
+        m.update(reward_mean=s[0] / n, reward_std=math.sqrt(max(s[1] / n - (s[0] / n) ** 2, 0)), accuracy=s[5] / n,
+                 len_mean=s[3] / n, len_max=mx.item(), truncated_frac=s[4] / n)
+        m.setdefault('zero_std_frac', s[6] / s[7])
+        return groups, m, data_pos
+
+    def update(groups: list[dict], m: dict):
+        """one optimizer step (num_iterations of them) on the groups' sequences. old log-probs: overlapped, the
+        behaviour policy's, recorded by the engine (never a recompute with the current weights, which would switch
+        the correction off); else the policy's own before the update (mu = 1: the first forward's, detached)."""
+        if not groups:  # dapo found no signal in max_gen_rounds: no update, on every rank alike
+            log(f"step {step + 1}: no group with distinct rewards after {m['gen_rounds']} rounds; update skipped")
+            m.update(loss=0.0, tokens=0, clip_low=0.0, clip_high=0.0, log_ratio=0.0)
+            return optimizer_step(m)
+        t2 = time.time()
+        seq_p = [g['prompt'] for g in groups for _ in g['comps']]
+        seq_c = [c for g in groups for c in g['comps']]
+        seq_lp = [lp for g in groups for lp in g['lps']]
+        adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
+        micro = []
+        for s in range(0, len(seq_c), micro_batch_size):
+            ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
+            old = pad_rows(seq_lp[s:s + micro_batch_size], cm.shape[1]).to(device) if overlap else None
+            micro.append([ids.to(device), attn.to(device), cm.to(device), adv[s:s + micro_batch_size].to(device), old])
+        n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
+        n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
+        norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
+        with torch.no_grad(), nvtx.annotate('old_logprobs'), amp():
+            for mb in micro:
+                if not overlap and num_iterations > 1:  # mu = 1 takes them from the update's own first forward
+                    mb[4] = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
+                mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
+                          if ref is not None else None)
+        m['t_logprobs'] = time.time() - t2
+        t3, ent_sum = time.time(), torch.zeros((), device=device)
+        for it in range(num_iterations):
+            if it > 0:
+                optimizer_step({})
+            loss_sum, st_sum = torch.zeros((), device=device), {}
+            for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
+                if ddp:
+                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                with nvtx.annotate('policy_loss_backward'), amp():
+                    lp, ent = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=True,
+                                             vocab=tok.n_vocab)
+                    if it == 0:
+                        ent_sum += (ent * cm).sum()
+                    loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=mode, ref_logprobs=rlp,
+                                           beta=beta, eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
+                (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                loss_sum += loss.detach()
+                w = cm.sum()
+                for key, v in st.items():  # token-weighted across micro-batches
+                    st_sum[key] = st_sum.get(key, 0) + v * w
+        m['loss'] = all_sum(loss_sum)
+        for key, v in st_sum.items():
+            m[key] = all_sum(v) / n_tok
+        m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
+        m['entropy'] = all_sum(ent_sum) / n_tok
+        optimizer_step(m)
+        m['t_update'] = time.time() - t3
+
+    # overlap: the next step's rollout runs in a background thread (its own cuda stream and process group) on a
+    # frozen inference copy, while this step's update runs here. the copy is refreshed at one point per step,
+    # from this thread, while the background is idle; the background returns host data only (lists, floats), so
+    # no tensor crosses streams but the copy, whose refresh the side stream waits for through an event.
+    if overlap:
+        from concurrent.futures import Future, ThreadPoolExecutor
+        threads, side = ThreadPoolExecutor(1), torch.cuda.Stream() if cuda else None
+        bg_group = dist.new_group(backend='nccl' if cuda else 'gloo') if ddp else None
+        if not cuda:  # one intra-op thread per side, so the two do not fight for the cores
+            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+
+        def launch(step: int, data_pos: int) -> Future:
+            ev = torch.cuda.Event() if cuda else None
+            if cuda:
+                ev.record()  # after the refresh's copies on the main stream
+
+            def background():
+                with nvtx.annotate('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                    if cuda:
+                        side.wait_event(ev)
+                    out = rollout(step, data_pos, infer, bg_group)
+                    if cuda:
+                        side.synchronize()
+                return out
+            return threads.submit(background)
+    pending = None  # overlap: the future of the next step's rollout (resumed: the checkpoint's finished one)
+    if overlap and rstate is not None and rstate.get('pending') is not None:
+        pending = Future()
+        pending.set_result(rstate['pending'])
 
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
     if master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo
@@ -824,7 +1012,7 @@ if __name__ == "__main__":
                 if ddp:
                     model.set_requires_gradient_sync(k == len(micro) - 1)
                 ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
-                with nvtx.annotate('forward'), autocast:
+                with nvtx.annotate('forward'), amp():
                     lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
                     loss = -(lp * mk).sum() / norm
                 with nvtx.annotate('backward'):
@@ -832,140 +1020,23 @@ if __name__ == "__main__":
                 loss_sum += loss.detach()
             m['loss'] = all_sum(loss_sum)
             m['tokens'] = all_sum(sum(a.sum() for _, a, _ in micro).to(device))
-        else:
-            t0 = time.time()
-            groups, rounds, kept_total, seen_total = [], 0, 0, 0
-            n_gen = batch_size  # prompts this round: the batch, then only what dynamic sampling still lacks
-            # generation rounds: dapo keeps generating until batch_size non-constant groups (or max_gen_rounds)
-            while True:
-                per_rank = n_gen // world
-                idx = step_indices(len(prompts), n_gen, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
-                data_pos += n_gen
-                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rounds * 101 + rank)
-                model.eval()
-                with nvtx.annotate('rollout_generation'), gathered(model), autocast:
-                    out = generate(model, [prompts[i] for i in idx], n_samples=group_size,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   eos_ids=eos_ids, stop_strings=stop_strings, tok=tok, pad_id=pad_id, generator=gen)
-                model.train()
-                rounds += 1
-                t1 = time.time()
-                with nvtx.annotate('reward_computation'):
-                    lens = out['mask'].sum(-1).tolist()  # host sync
-                    comp = [out['ids'][i, :n].tolist() for i, n in enumerate(lens)]
-                    texts = [tok.decode([x for x in c if x not in eos_ids]) for c in comp]
-                    golds = [rows[i]['answer'] for i in idx for _ in range(group_size)]
-                    trunc = out['truncated'].tolist()
-                    rew = shaped_rewards(texts, golds, lens, trunc, kind=overlong, max_new_tokens=max_new_tokens,
-                                         penalty=overlong_penalty, buffer=overlong_buffer, factor=overlong_factor,
-                                         fmt=format_reward)
-                    correct = [rewards.is_correct(rewards.extract_answer(t), g) for t, g in zip(texts, golds)]
-                for j, i in enumerate(idx):
-                    s = slice(j * group_size, (j + 1) * group_size)
-                    groups.append({'prompt': prompts[i], 'comps': comp[s], 'rewards': rew[s], 'trunc': trunc[s],
-                                   'correct': correct[s]})
-                m['t_reward'] = m.get('t_reward', 0) + time.time() - t1
-                if mode != 'dapo' or not dynamic_sampling:
-                    break
-                # dynamic sampling: every rank sees every group, so all agree on what is kept (no hang)
-                every = [None] * world
-                if ddp:
-                    dist.all_gather_object(every, groups)
-                else:
-                    every = [groups]
-                pool = [g for r in range(world) for g in every[r]]  # round-robin order is irrelevant: all ranks agree
-                keep = [max(g['rewards']) - min(g['rewards']) > 1e-6 for g in pool]  # exact test, not std > 0
-                if sum(keep) >= batch_size or rounds >= max_gen_rounds:
-                    sel = select_groups(keep, batch_size, world)
-                    seen_total, kept_total = len(pool), sum(keep)
-                    share = len(sel) // world
-                    all_groups = pool
-                    groups = [pool[i] for i in sel[rank * share:(rank + 1) * share]]
-                    break
-                n_gen = next_round_size(batch_size - sum(keep), sum(keep) / len(keep), batch_size, world)
-            m['t_rollout'] = time.time() - t0 - m['t_reward']
-            if mode == 'dapo' and dynamic_sampling:
-                m['gen_rounds'], m['kept_groups'] = rounds, len(groups) * world
-                m['zero_std_frac'] = 1 - kept_total / max(seen_total, 1)
-                stat_groups = all_groups  # reward statistics over everything generated this step
-            else:
-                stat_groups = groups
-            # statistics over all ranks, from what was generated
-            sums, mx = group_sums(stat_groups, device)
-            if ddp and not (mode == 'dapo' and dynamic_sampling):  # dapo's pool is already global
-                dist.all_reduce(sums)
-                dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-            n = sums[2]
-            m.update(reward_mean=sums[0] / n, reward_std=(sums[1] / n - (sums[0] / n) ** 2).clamp(min=0).sqrt(),
-                     accuracy=sums[5] / n, len_mean=sums[3] / n, len_max=mx[0], truncated_frac=sums[4] / n)
-            m.setdefault('zero_std_frac', sums[6] / sums[7])
-            if not groups:  # dapo found no signal in max_gen_rounds: no update, on every rank alike
-                log(f"step {step + 1}: no group with distinct rewards after {rounds} rounds; update skipped")
-                m.update(loss=0.0, tokens=0, clip_low=0.0, clip_high=0.0)
-            else:
-                # tensors for the update: micro-batches of whole sequences, advantages per group
-                t2 = time.time()
-                seq_p = [g['prompt'] for g in groups for _ in g['comps']]
-                seq_c = [c for g in groups for c in g['comps']]
-                adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
-                micro = []
-                for s in range(0, len(seq_c), micro_batch_size):
-                    ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
-                    micro.append([ids.to(device), attn.to(device), cm.to(device), adv[s:s + micro_batch_size].to(device)])
-                n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
-                n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
-                norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
-                # mu = 1 is on-policy: the old log-probs are the first update's own, detached, so no extra forward
-                on_policy = num_iterations == 1
-                ent_sum = torch.zeros((), device=device)
-                with torch.no_grad(), nvtx.annotate('old_logprobs'), autocast:
-                    for mb in micro:
-                        old = None
-                        if not on_policy:
-                            old, ent = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk,
-                                                      entropy=True, vocab=tok.n_vocab)
-                            ent_sum += (ent * mb[2]).sum()
-                        mb.append(old)
-                        mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
-                                  if ref is not None else None)
-                m['t_logprobs'] = time.time() - t2
-                t3 = time.time()
-                for it in range(num_iterations):
-                    if it > 0:
-                        if grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    loss_sum, st_sum = torch.zeros((), device=device), {}
-                    for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
-                        if ddp:
-                            model.set_requires_gradient_sync(k == len(micro) - 1)
-                        with nvtx.annotate('policy_loss_backward'), autocast:
-                            if old is None:
-                                lp, ent = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk,
-                                                         entropy=True, vocab=tok.n_vocab)
-                                old, ent_sum = lp.detach(), ent_sum + (ent * cm).sum()
-                            else:
-                                lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
-                            loss, st = policy_loss(lp, old, a, cm, mode=mode, ref_logprobs=rlp, beta=beta,
-                                                   eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
-                        (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
-                        loss_sum += loss.detach()
-                        w = cm.sum()
-                        for key, v in st.items():  # token-weighted across micro-batches
-                            st_sum[key] = st_sum.get(key, 0) + v * w
-                m['loss'] = all_sum(loss_sum)
-                for key, v in st_sum.items():
-                    m[key] = all_sum(v) / n_tok
-                m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
-                m['entropy'] = all_sum(ent_sum) / n_tok
-                m['t_update'] = time.time() - t3
-        with nvtx.annotate('optimizer_step'):
-            if grad_clip > 0:
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(m)
+        elif not overlap:
+            groups, mr, data_pos = rollout(step, data_pos, model)
+            m.update(mr)
+            with nvtx.annotate('policy_update'):
+                update(groups, m)
+        else:  # one step off-policy: these groups came from theta_{N-1}; step N+1's are generated from theta_N meanwhile
+            if pending is None:  # the first step generates from its own weights, in the foreground
+                refresh(infer, model)
+                pending = launch(step, data_pos)
+            t_wait = time.time()
+            groups, mr, data_pos = pending.result()
+            m.update(mr, t_wait=time.time() - t_wait)  # the rollout time the update did not hide
+            refresh(infer, model)  # theta_N: the one synchronised point of the step, on every rank alike
+            pending = launch(step + 1, data_pos)  # the last step too: the final checkpoint stores it, for a resume
+            with nvtx.annotate('policy_update'):
+                update(groups, m)
         # ---- end of the hot part ----
         step += 1
         dt = time.time() - t_last
@@ -979,12 +1050,16 @@ if __name__ == "__main__":
                 extra = '' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
                                                    f"len {m['len_mean']:.0f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
                                                    + (f" | kl {m['kl']:.4f}" if 'kl' in m else '')
+                                                   + (f" | |log ratio| {m['log_ratio']:.4f}" if overlap else '')
                                                    + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else ''))
                 print(f"step {step}/{max_iters} | loss {m['loss']:.4f}{extra} | lr {lr:.1e} | {dt * 1000:.0f} ms",
                       flush=True)
         if step % ckpt_interval == 0 or step == max_iters:
             state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
                      'config': config}
-            save_checkpoint(out_dir, step, model, optimizer, tok, state, rank, world)
+            save_checkpoint(out_dir, step, model, optimizer, tok, state, rank, world,
+                            pending=pending.result() if pending is not None else None)
+    if overlap:
+        threads.shutdown()
     if ddp:
         dist.destroy_process_group()
