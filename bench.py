@@ -3,13 +3,21 @@
     python bench.py                                   # tiny scratch model on CPU
     python bench.py --preset qwen3b --device cuda     # random-weight Qwen2.5-3B-shaped model, real sizes
     python bench.py --ckpt out-demo/sft/ckpt --skip train   # trained demo model: rows stop at different lengths
+    python bench.py --overlap config/demo_rl.py --init_from=out-demo/sft/ckpt --max_iters=12   # rl sequential vs overlapped
 
 Every speed is printed next to a baseline measured in the same process (these machines are shared and noisy):
 our engine vs `model.generate` on the same model and prompts, each timed best of --repeats.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
+import runpy
+import shutil
+import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -21,6 +29,32 @@ PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2)
     'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936, n_tok=151665),
 }  # n_tok: the real tokenizer's size (Qwen2.5: 151,665 ids, 151,936 embedding rows); the log-softmax and sampler span it
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16
+PEAK_BW = {'H100': 3.35e12, 'H200': 4.8e12, 'A100': 2.0e12, 'RTX 4090': 1.0e12}  # bytes/s: H100 SXM, A100 80 GB
+
+
+def decode_bytes(config, dtype_bytes: int = 2) -> tuple[int, int]:
+    """HF Qwen2/Llama config -> (weight bytes read per decode step, KV-cache bytes per cached token).
+
+    weights: all but the input embedding, whose lookup reads only the batch's rows; the lm_head is read whole, tied or
+    not. biases: qwen2 has q/k/v biases and no o_proj bias; llama has attention_bias (q/k/v/o) and mlp_bias."""
+    c = config
+    h, H, Hkv, ff = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    D = getattr(c, 'head_dim', None) or h // H
+    qwen = c.model_type == 'qwen2'
+    attn_bias, mlp_bias = getattr(c, 'attention_bias', False), getattr(c, 'mlp_bias', False)
+    layer = ((H + 2 * Hkv) * D * (h + (qwen or attn_bias))  # q, k, v
+             + H * D * h + (not qwen and attn_bias) * h  # o
+             + 3 * h * ff + mlp_bias * (2 * ff + h)  # gate, up, down
+             + 2 * h)  # two rmsnorms
+    weights = c.num_hidden_layers * layer + h + c.vocab_size * h  # + final norm + lm_head
+    return weights * dtype_bytes, c.num_hidden_layers * 2 * Hkv * D * dtype_bytes
+
+
+def bandwidth_share(tok_s: float, rows: int, ctx: float, weight_bytes: int, kv_bytes_per_token: int,
+                    peak_bw: float) -> float:
+    """share of peak_bw that tok_s uses: (weight bytes + rows x ctx x KV bytes) per step x steps/s / peak_bw.
+    ctx: KV slots each row reads per step (the static engine attends over its whole window, prompt + new tokens)."""
+    return (weight_bytes + rows * ctx * kv_bytes_per_token) * (tok_s / rows) / peak_bw
 
 
 def build(preset: str, device: str, ckpt: str = ''):
@@ -71,13 +105,13 @@ def bench_rollout(model, tok, args) -> dict:
     else:
         prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
         eos = []
-    n_tok = [0]
+    n_tok = {}
 
-    def ours():
+    def ours(engine):
         out = train.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens,
                              temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=[], tok=tok, pad_id=0,
-                             generator=torch.Generator(device=args.device).manual_seed(0))
-        n_tok[0] = int(out['mask'].sum())
+                             generator=torch.Generator(device=args.device).manual_seed(0), engine=engine)
+        n_tok[engine] = int(out['mask'].sum())
 
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=args.device)
@@ -92,9 +126,20 @@ def bench_rollout(model, tok, args) -> dict:
         new = out[:, P:]
         n_hf[0] = int((new != 0).sum()) if eos else new.numel()
 
-    t_ours, t_hf = timed(ours, args.repeats, args.device), timed(hf, args.repeats, args.device)
-    return {'engine_tok_s': n_tok[0] / t_ours, 'generate_tok_s': n_hf[0] / t_hf, 'speedup': n_tok[0] / t_ours / (n_hf[0] / t_hf),
-            'engine_tokens': n_tok[0], 'generate_tokens': n_hf[0]}
+    # static (ours), hf (our slow path: the model forward on a dynamic cache), model.generate; each warmed up first
+    t = {e: timed(lambda: ours(e), args.repeats, args.device) for e in ('static', 'hf')}
+    t_hf = timed(hf, args.repeats, args.device)
+    r = {'engine_tok_s': n_tok['static'] / t['static'], 'slow_tok_s': n_tok['hf'] / t['hf'],
+         'generate_tok_s': n_hf[0] / t_hf, 'engine_tokens': n_tok['static'], 'generate_tokens': n_hf[0]}
+    r['speedup'], r['vs_slow'] = r['engine_tok_s'] / r['generate_tok_s'], r['engine_tok_s'] / r['slow_tok_s']
+    name = torch.cuda.get_device_name() if args.device.startswith('cuda') else args.card
+    bw = next((v for k, v in PEAK_BW.items() if k in name), None)
+    if bw:  # rows run to the end without eos (random weights): exact; with early stops an upper estimate
+        w, kv = decode_bytes(model.config, next(model.parameters()).element_size())
+        rows, ctx = len(prompts) * args.group_size, max(map(len, prompts)) + args.new_tokens
+        r['bw_share'] = bandwidth_share(r['engine_tok_s'], rows, ctx, w, kv, bw)
+        r['bw_limit_tok_s'] = r['engine_tok_s'] / r['bw_share']
+    return r
 
 
 def bench_train(model, tok, args) -> dict:
@@ -142,6 +187,31 @@ def bench_train(model, tok, args) -> dict:
     return out
 
 
+def bench_overlap(train_args: list[str], repeats: int) -> dict:
+    """train.py's own rl loop, sequential then overlapped, alternating, in this process (runpy): per-phase medians
+    from metrics.jsonl over all steps but each run's first (warm-up; the overlapped first rollout is not hidden)."""
+    steps, n_threads = {False: [], True: []}, torch.get_num_threads()
+    for _ in range(repeats):
+        for ov in (False, True):
+            out = tempfile.mkdtemp(prefix='bench-overlap-')
+            sys.argv = ['train.py'] + train_args + [f'--overlap={ov}', f'--out_dir={out}', '--log_interval=100000']
+            with contextlib.redirect_stdout(io.StringIO()):
+                runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), 'train.py'),
+                               run_name='__main__')
+            torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
+            with open(os.path.join(out, 'metrics.jsonl')) as f:
+                steps[ov] += [json.loads(line) for line in f][1:]
+            shutil.rmtree(out)
+    med = lambda ov, f: statistics.median(f(m) for m in steps[ov]) / 1000 if steps[ov] else float('nan')
+    t_roll = med(False, lambda m: 1000 * (m['t_rollout'] + m['t_reward']))
+    t_upd = med(False, lambda m: 1000 * (m.get('t_logprobs', 0) + m.get('t_update', 0)))
+    t_seq, t_ovl = med(False, lambda m: m['time_ms']), med(True, lambda m: m['time_ms'])
+    cap = (t_roll + t_upd) / max(t_roll, t_upd)  # both phases fully hidden behind the longer one
+    return {'rollout_s': t_roll, 'update_s': t_upd, 'seq_step_s': t_seq, 'overlap_step_s': t_ovl,
+            'overlap_wait_s': med(True, lambda m: 1000 * m['t_wait']), 'speedup': t_seq / t_ovl, 'cap': cap,
+            'of_cap': t_seq / t_ovl / cap, 'steps': (len(steps[False]), len(steps[True]))}
+
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--preset', default='tiny', choices=list(PRESETS))
@@ -155,7 +225,18 @@ if __name__ == '__main__':
     ap.add_argument('--seq_len', type=int, default=256)
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--skip', default='', help="'rollout' or 'train' to skip one part")
+    ap.add_argument('--card', default='', help=f"bandwidth table entry when not on cuda: {', '.join(PEAK_BW)}")
+    ap.add_argument('--overlap', nargs=argparse.REMAINDER, default=None,
+                    help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
     args = ap.parse_args()
+    if args.overlap is not None:
+        r = bench_overlap(args.overlap, args.repeats)
+        print(f"rl step ({' '.join(args.overlap)}), median of {r['steps'][0]} + {r['steps'][1]} steps: "
+              f"rollout {r['rollout_s'] * 1000:.0f} ms | update {r['update_s'] * 1000:.0f} ms | sequential "
+              f"{r['seq_step_s'] * 1000:.0f} ms | overlapped {r['overlap_step_s'] * 1000:.0f} ms (waits "
+              f"{r['overlap_wait_s'] * 1000:.0f} ms for the rollout) | speedup {r['speedup']:.2f}x | cap "
+              f"{r['cap']:.2f}x | {100 * r['of_cap']:.0f}% of the cap")
+        sys.exit()
     model, tok = build(args.preset, args.device, args.ckpt)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'cpu x{torch.get_num_threads()} threads'
     print(f"bench: preset {args.preset} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {dev}")
@@ -163,7 +244,9 @@ if __name__ == '__main__':
         r = bench_rollout(model, tok, args)
         print(f"rollout ({args.prompts} prompts x {args.group_size} samples, <= {args.new_tokens} new tokens): "
               f"engine {r['engine_tok_s']:.0f} tok/s | model.generate {r['generate_tok_s']:.0f} tok/s | "
-              f"ratio {r['speedup']:.2f}x")
+              f"ratio {r['speedup']:.2f}x | slow path (engine='hf') {r['slow_tok_s']:.0f} tok/s, {r['vs_slow']:.2f}x"
+              + (f" | {100 * r['bw_share']:.1f}% of the memory-bandwidth limit ({r['bw_limit_tok_s']:.0f} tok/s)"
+                 if 'bw_share' in r else ''))
     if args.skip != 'train':
         r = bench_train(model, tok, args)
         print(f"train step ({args.micro_batch} x {args.seq_len} tokens): {r['train_tok_s']:.0f} tok/s | "

@@ -91,6 +91,7 @@ top_p = 1.0  # < 1 changes the behaviour policy away from logits / T: keep 1 for
 stop_strings = ['</answer>']  # generation also stops on these (and on eos)
 num_iterations = 1  # mu: optimizer steps per rollout batch
 overlap = False  # generate step N+1 (from a frozen copy of the weights before update N) while update N runs
+engine = 'static'  # rollout decode: 'static' (static kv cache, own decode step, cuda graphs) | 'hf' (model forward)
 beta = 0.1  # grpo: k3 KL coefficient
 eps_low = 0.2
 eps_high = 0.0  # 0 = the mode's default: 0.28 for dapo, else eps_low
@@ -448,7 +449,8 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, te
 
 
 # -----------------------------------------------------------------------------
-# rollout engine: prefill each prompt once, share its KV cache across its G samples, drop finished rows
+# rollout engine: prefill each prompt once, share its KV cache across its G samples, drop finished rows;
+# decode from a static KV cache with our own one-token forward, a CUDA graph per batch-size bucket on GPU
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,21 +462,171 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
     probs = logp.exp()
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)
-        sp[(sp.cumsum(-1) - sp) > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+        sp.masked_fill_((sp.cumsum(-1) - sp) > top_p, 0.0)  # the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+# graph sizes: live rows are padded up to the next one (vLLM/SGLang use similar lists); the top bucket is N itself
+BUCKETS = sorted([1, 2, 4, 8] + [m << k for k in range(3, 12) for m in (2, 3)])
+
+
+def rms(x, n):
+    x32 = x.float()  # as HF's RMSNorm: normalise in fp32, round to the input dtype, then scale
+    return n.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + n.variance_epsilon)).to(x.dtype)
+
+
+def rot(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def decode_step(model, tok, pos, slot, K, V, valid):
+    """one token per row through a Qwen2/Llama HF model's own modules, no host syncs -> logits (B, vocab).
+
+    tok, pos (B,) long; slot 0-d long, the cache column this step writes; K, V (L, B, Hkv, S, D), written in place;
+    valid (B, S) bool, the columns each row attends to (slot included)."""
+    mm, B, Hkv, D = model.model, tok.shape[0], K.shape[2], K.shape[-1]
+    rope = mm.rotary_emb  # inv_freq and attention_scaling already hold theta and the rope_type's scaling (e.g. llama3)
+    f = pos[:, None].float() * rope.inv_freq.float()
+    e = torch.cat((f, f), -1)[:, None, None]  # (B, 1, 1, D)
+    x = mm.embed_tokens(tok)[:, None]  # (B, 1, hidden)
+    cos, sin = (e.cos() * rope.attention_scaling).to(x.dtype), (e.sin() * rope.attention_scaling).to(x.dtype)
+    for i, layer in enumerate(mm.layers):
+        a, mlp, h = layer.self_attn, layer.mlp, rms(x, layer.input_layernorm)
+        # gqa: the H/Hkv query heads of a kv head become its query length (HF's head order is kv-major), so every
+        # sdpa backend reads each kv head once; enable_gqa may repeat_interleave K/V (the math backend does)
+        q = rot(a.q_proj(h).view(B, Hkv, -1, D), cos, sin)  # (B, Hkv, H/Hkv, D)
+        # write in place; the column is a tensor, so a captured graph writes wherever slot points at replay
+        K[i].index_copy_(2, slot.view(1), rot(a.k_proj(h).view(B, Hkv, 1, D), cos, sin).to(K.dtype))
+        V[i].index_copy_(2, slot.view(1), a.v_proj(h).view(B, Hkv, 1, D).to(V.dtype))
+        o = F.scaled_dot_product_attention(q, K[i], V[i], attn_mask=valid[:, None, None])  # (B, Hkv, H/Hkv, D)
+        x = x + a.o_proj(o.reshape(B, 1, -1))
+        h = rms(x, layer.post_attention_layernorm)
+        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    return model.lm_head(rms(x, mm.norm))[:, 0]
+
+
+def capture(fn, pool, stream):
+    """fn() recorded as a CUDA graph -> (graph, its output). warm-up on the side stream first (torch notes on CUDA
+    graphs): cuBLAS workspaces, kernel choice and autocast's weight casts must exist before capture."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, stream=stream):
+        out = fn()
+    return g, out
+
+
+def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, buckets=None):
+    """copy the prefill cache G times into static (L, N, Hkv, P+T-1, D) buffers -> advance(nxt, kept) -> logits (n, V),
+    kept: the positions (host list) of the live rows that stay, None if all do; nxt (n,) their next tokens.
+
+    step t writes column P+t for every row (prompts are left-padded into [0, P)). the batch runs at the smallest of
+    buckets (default: BUCKETS on CUDA, the exact live count on CPU) >= live rows; rows of a bucket that are not live
+    compute garbage that nobody reads. on CUDA each bucket is a CUDA graph, replayed every step.
+    why manual capture, not torch.compile(mode='reduce-overhead'): no compile time (minutes at 36 layers) and no
+    Triton, and the buffers are ours: buckets are [:b] views of one cache, compaction is an in-place copy.
+    graphs are captured per rollout, lazily, as the live rows shrink (so largest first): the cache's S = P+T changes
+    with the prompts, and FSDP2 re-allocates the unsharded weights at every gathered(), so a set kept across
+    rollouts keyed on shapes and weight data_ptrs would rarely hit."""
+    c, rope = model.config, model.model.rotary_emb
+    if (c.model_type not in ('qwen2', 'llama') or rope.rope_type in ('dynamic', 'longrope')
+            or any(t != 'full_attention' for t in getattr(c, 'layer_types', None) or [])):
+        raise ValueError(f"engine='static' supports qwen2/llama with full attention and a fixed rope; got "
+                         f"{c.model_type}, rope {rope.rope_type}, layers {set(getattr(c, 'layer_types', None) or [])}")
+    (B, P), G, dev = attn.shape, n_samples, attn.device
+    N, S = B * G, P + max_new_tokens - 1  # the last token is sampled, never fed
+    ks, vs = [x.keys for x in cache.layers], [x.values for x in cache.layers]  # (B, Hkv, P, D) each
+    Hkv, D, cuda = ks[0].shape[1], ks[0].shape[3], attn.is_cuda
+    buckets = (BUCKETS if cuda else ()) if buckets is None else buckets
+    # the projections' output dtype (bf16 under autocast over fp32 weights; HF's keys there are fp32 after rope)
+    K = torch.zeros(len(ks), N, Hkv, S, D, dtype=vs[0].dtype, device=dev)
+    V = torch.zeros_like(K)
+    for i, (k, v) in enumerate(zip(ks, vs)):  # row b*G+j <- prompt b, via broadcast: no repeated temporary
+        K[i, :, :, :P].unflatten(0, (B, G)).copy_(k[:, None])
+        V[i, :, :, :P].unflatten(0, (B, G)).copy_(v[:, None])
+    valid = torch.zeros(N, S, dtype=torch.bool, device=dev)
+    valid[:, :P] = attn.bool().repeat_interleave(G, 0)
+    pos = attn.sum(-1).repeat_interleave(G)  # (N,) position of the token fed next
+    tok, slot = torch.zeros(N, dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev)
+    pool, stream = (torch.cuda.graph_pool_handle(), torch.cuda.Stream()) if cuda else (None, None)
+    at = list(range(N))  # cache row of each live row, on the host; idx is the same on the device
+    t, b, idx, graph, out = 0, N, torch.arange(N, device=dev), None, None
+
+    def advance(nxt, kept):
+        nonlocal t, b, at, idx, graph, out
+        if kept is not None:
+            at = [at[k] for k in kept]
+            n = len(at)
+            if (nb := min([x for x in buckets if x >= n] + [N]) if buckets else n) < b:
+                # compact into rows [0, n): move the live rows sitting at n or above into the holes below n. only
+                # they are copied (a full gather K[:, :n] = K[:, idx] would move every row, every time)
+                holes, movers = sorted(set(range(n)) - set(at)), [r for r in at if r >= n]
+                if movers:
+                    src, dst = torch.tensor(movers, device=dev), torch.tensor(holes, device=dev)
+                    for x, d in ((K, 1), (V, 1), (valid, 0), (pos, 0)):
+                        x.index_copy_(d, dst, x.index_select(d, src))
+                    to = dict(zip(movers, holes))
+                    at = [to.get(r, r) for r in at]
+                b, graph, out = nb, None, None  # frees the old graph's pool blocks for the next capture
+            idx = torch.tensor(at, device=dev)
+        tok.index_copy_(0, idx, nxt)
+        slot.fill_(P + t)
+        valid[:, P + t] = True
+
+        def step(w=S):  # the batch is the bucket's [:b] views of the max-size buffers, the first w columns
+            return decode_step(model, tok[:b], pos[:b], slot, K[:, :b, :, :w], V[:, :b, :, :w], valid[:b, :w])
+        if not cuda:  # no graph: attend over the columns written so far, not the whole window (~3x less on the demo)
+            out = step(P + t + 1)
+        else:
+            if graph is None:
+                graph, out = capture(step, pool, stream)
+            graph.replay()  # rewrites out in place
+        pos.add_(1)
+        t += 1
+        return out.index_select(0, idx).float()  # a copy: the next replay overwrites the graph's output
+
+    return advance
+
+
+def hf_engine(model, cache, attn, n_samples: int, kw: str):
+    """today's path: the HF forward on a DynamicCache that grows a column per token and drops finished rows."""
+    cache.batch_repeat_interleave(n_samples)
+    attn = attn.repeat_interleave(n_samples, 0)
+    pos = attn.sum(-1)  # (n,) next position of each live row
+
+    def advance(nxt, kept):
+        nonlocal attn, pos
+        if kept is not None:
+            keep = torch.tensor(kept, device=attn.device)
+            cache.batch_select_indices(keep)
+            attn, pos = attn[keep], pos[keep]
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
+                       **{kw: cache}).logits[:, -1].float()
+        pos = pos + 1
+        return logits
+
+    return advance
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
              top_p: float, eos_ids: list[int], stop_strings: list[str], tok: Tokenizer, pad_id: int,
-             generator=None) -> dict:
+             generator=None, engine: str = 'static') -> dict:
     """-> ids (N, T), mask (N, T), logprobs (N, T), truncated (N,), N = len(prompts) * n_samples.
 
     row i * n_samples + j is sample j of prompt i; the stop token (eos or the end of a stop string) is kept
-    in the mask; rows that stop leave the batch, so they cost no more compute."""
+    in the mask; rows that stop leave the batch, so they cost no more compute. engine 'static': static KV cache and
+    own decode step (CUDA graphs on GPU); 'hf': the HF forward on a DynamicCache. both draw the same random numbers."""
     from transformers import DynamicCache
+    if engine not in ('static', 'hf'):
+        raise ValueError(f"engine must be 'static' or 'hf', got {engine!r}")
     dev = next(model.parameters()).device
     B, P = len(prompts), max(map(len, prompts))
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
@@ -487,10 +639,11 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     kw = 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
     logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                    use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].float()
-    cache.batch_repeat_interleave(n_samples)
-    logits, attn = logits.repeat_interleave(n_samples, 0), attn.repeat_interleave(n_samples, 0)
+    advance = (static_engine(model, cache, attn, n_samples, max_new_tokens) if engine == 'static'
+               else hf_engine(model, cache, attn, n_samples, kw))
+    del cache  # the static engine copied it: free the prefill cache now
+    logits = logits.repeat_interleave(n_samples, 0)
     N = B * n_samples
-    pos = attn.sum(-1)  # (n,) next position of each live row
     out_ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros(N, max_new_tokens, device=dev)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long)
@@ -512,15 +665,12 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
                 done.append(k)
         if t == max_new_tokens - 1 or len(done) == len(live):
             break
+        kept = None
         if done:
             kept = sorted(set(range(len(live))) - set(done))
             live, keep = [live[k] for k in kept], torch.tensor(kept, device=dev)
-            cache.batch_select_indices(keep)
-            rows, nxt, attn, pos = rows[keep], nxt[keep], attn[keep], pos[keep]
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
-                       **{kw: cache}).logits[:, -1].float()
-        pos = pos + 1
+            rows, nxt = rows[keep], nxt[keep]
+        logits = advance(nxt, kept)
     mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).to(dev)
     return {'ids': out_ids, 'mask': mask, 'logprobs': out_lp * mask, 'truncated': ~stopped}
 
@@ -729,6 +879,7 @@ def validate(c: dict, world: int):
          f"prompt_template = {c['prompt_template']!r}, expected 'r1', 'chat' or a string containing '{{question}}'")
     need(c['prompt_template'] != 'chat' or c['init_from'] != 'scratch',
          "prompt_template = 'chat' needs a tokenizer with a chat template; init_from = 'scratch' has none")
+    need(c['engine'] in ('static', 'hf'), f"engine = {c['engine']!r}, expected 'static' or 'hf'")
     need(c['overlong'] in ('auto', 'none', 'fixed', 'soft'),
          f"overlong = {c['overlong']!r}, expected 'auto', 'none', 'fixed' or 'soft'")
     need(c['init_from'] != 'scratch' or (c['n_embd'] % c['n_head'] == 0 and c['n_head'] % c['n_kv_head'] == 0),
@@ -854,7 +1005,7 @@ if __name__ == "__main__":
             with nvtx.annotate('rollout_generation'), gathered(policy), amp():
                 out = generate(policy, [prompts[i] for i in idx], n_samples=group_size, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, eos_ids=eos_ids, stop_strings=stop_strings,
-                               tok=tok, pad_id=pad_id, generator=gen)
+                               tok=tok, pad_id=pad_id, generator=gen, engine=engine)
             policy.train(policy is model)
             rounds += 1
             t1 = time.time()
