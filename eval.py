@@ -73,7 +73,7 @@ def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int]
         gen = torch.Generator(device=args.device).manual_seed(seed)
         out = train.generate(model, ids, n_samples=n, max_new_tokens=args.max_new_tokens, temperature=temp,
                              top_p=1.0, eos_ids=eos_ids, stop_strings=['</answer>'], tok=tok, pad_id=eos_ids[0],
-                             generator=gen)
+                             generator=gen, engine=args.engine)
         lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()
         for i, r in enumerate(res):
             s = [score(tok.decode([x for x in out['ids'][j, :lens[j]].tolist() if x not in eos_ids]), r['gold'],
@@ -178,6 +178,8 @@ def main(argv=None):
     ap.add_argument('--out', default='', help="output dir (default: <ckpt>/eval or eval-out)")
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--engine', default='static', choices=['static', 'hf'],
+                    help="decode: 'static' (qwen2/llama: static kv cache, cuda graphs) | 'hf' (any model's forward)")
     args = ap.parse_args(argv)
     if args.data:
         args.dataset = 'jsonl'
@@ -225,7 +227,7 @@ def main(argv=None):
     for ds, problems in [(ds, load_problems(argparse.Namespace(**{**vars(args), 'dataset': ds}), cfg)) for ds in names]:
         # everything that changes a result names the file, so a resume never reuses another eval's rows
         key = json.dumps([path, os.path.abspath(args.data or ''), args.question_field, args.answer_field, cfg,
-                          args.n_samples, args.temperature, args.max_new_tokens, args.batch_size, args.seed])
+                          args.n_samples, args.temperature, args.max_new_tokens, args.batch_size, args.seed, args.engine])
         tag = f"{ds}-{'greedy' if not args.n_samples else f'n{args.n_samples}-t{args.temperature}'}-" \
               f"{args.max_new_tokens}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
         done = read_results(os.path.join(out_dir, f'results-{tag}.rank*.jsonl'))

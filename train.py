@@ -3,6 +3,7 @@ reasoning-engine: SFT on <think>/<answer> traces, then critic-free RL (GRPO / Dr
 
     python train.py config/tiny.py                                    # SFT, tiny scratch model, CPU, seconds
     python train.py config/tiny.py --mode=dapo                        # RL on CPU (also grpo, dr_grpo)
+    python train.py config/tiny.py --mode=dapo --overlap=True         # rollout N+1 runs while update N trains
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py  # same job on 2 ranks (gloo, FSDP2)
     torchrun --standalone --nproc_per_node=2 train.py config/sft.py   # Qwen2.5-3B GSM8K SFT on 2 GPUs
 
@@ -18,7 +19,9 @@ l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), logp from logit
    are dropped and only the missing share regenerated); overlong reward shaping.
 Every denominator spans the whole optimizer step (all micro-batches on all ranks), so 1 or 4 micro-batches
 and 1 or 2 ranks give the same gradient. With num_iterations=1 the old log-probs are the update forward's own,
-detached, so the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward).
+detached, so the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward). With overlap=True
+step N+1 is generated from theta_N (a frozen inference copy) while update N runs, one step off-policy: the old
+log-probs are the engine's sampling log-probs under theta_N, so the clipped ratio corrects for the lag.
 """
 import contextlib
 import copy
@@ -517,7 +520,8 @@ def capture(fn, pool, stream):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool, stream=stream):
+    # thread_local: an overlapped update allocates and syncs in the main thread while the rollout thread captures
+    with torch.cuda.graph(g, pool=pool, stream=stream, capture_error_mode='thread_local'):
         out = fn()
     return g, out
 

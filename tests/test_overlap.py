@@ -145,3 +145,15 @@ def test_overlap_is_an_rl_setting(tmp_path):
     p = subprocess.run([sys.executable, 'train.py', 'config/tiny.py', '--overlap=True', f'--out_dir={tmp_path}'],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "overlap = True" in p.stderr and "'sft'" in p.stderr
+
+
+@pytest.mark.slow
+def test_demo_learns_with_overlap(tmp_path):
+    # the demo's task and model at a shorter budget (sft 300 steps, rl 24 overlapped steps): the rl reward climbs as
+    # in the sequential demo (README: the full run)
+    run(['config/demo.py', '--max_iters=300', '--lr_decay_iters=300', f'--out_dir={tmp_path / "sft"}'])
+    run(['config/demo_rl.py', '--overlap=True', '--max_iters=24', '--log_interval=1', f'--out_dir={tmp_path / "rl"}',
+         f'--init_from={tmp_path / "sft" / "ckpt"}'])
+    r = [m['reward_mean'] for m in metrics(tmp_path / 'rl')]
+    first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
+    assert last > first + 0.1, r
