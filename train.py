@@ -530,14 +530,10 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
     """copy the prefill cache G times into static (L, N, Hkv, P+T-1, D) buffers -> advance(nxt, kept) -> logits (n, V),
     kept: the positions (host list) of the live rows that stay, None if all do; nxt (n,) their next tokens.
 
-    step t writes column P+t for every row (prompts are left-padded into [0, P)). the batch runs at the smallest of
-    buckets (default: BUCKETS on CUDA, the exact live count on CPU) >= live rows; rows of a bucket that are not live
-    compute garbage that nobody reads. on CUDA each bucket is a CUDA graph, replayed every step.
-    why manual capture, not torch.compile(mode='reduce-overhead'): no compile time (minutes at 36 layers) and no
-    Triton, and the buffers are ours: buckets are [:b] views of one cache, compaction is an in-place copy.
-    graphs are captured per rollout, lazily, as the live rows shrink (so largest first): the cache's S = P+T changes
-    with the prompts, and FSDP2 re-allocates the unsharded weights at every gathered(), so a set kept across
-    rollouts keyed on shapes and weight data_ptrs would rarely hit."""
+    step t writes column P+t for every row (prompts are left-padded into [0, P)). the batch runs at the smallest
+    bucket >= live rows (cpu: the live count); a bucket's dead rows compute garbage nobody reads. on cuda each bucket
+    is a graph, captured by hand (no compile time, no triton, our buffers) per rollout, lazily, so largest first:
+    the window changes with the prompts and fsdp2 reallocates the gathered weights at every rollout."""
     c, rope = model.config, model.model.rotary_emb
     if (c.model_type not in ('qwen2', 'llama') or rope.rope_type in ('dynamic', 'longrope')
             or any(t != 'full_attention' for t in getattr(c, 'layer_types', None) or [])):
@@ -1094,9 +1090,10 @@ if __name__ == "__main__":
                 if ddp:
                     model.set_requires_gradient_sync(k == len(micro) - 1)
                 with nvtx.annotate('policy_loss_backward'), amp():
-                    lp, ent = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=True,
-                                             vocab=tok.n_vocab)
-                    if it == 0:
+                    lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=it == 0,
+                                        vocab=tok.n_vocab)
+                    if it == 0:  # the entropy of the policy the batch is scored under, once per step
+                        lp, ent = lp
                         ent_sum += (ent * cm).sum()
                     loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=mode, ref_logprobs=rlp,
                                            beta=beta, eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)

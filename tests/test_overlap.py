@@ -149,11 +149,13 @@ def test_overlap_is_an_rl_setting(tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_with_overlap(tmp_path):
-    # the demo's task and model at a shorter budget (sft 300 steps, rl 24 overlapped steps): the rl reward climbs as
-    # in the sequential demo (README: the full run)
-    run(['config/demo.py', '--max_iters=300', '--lr_decay_iters=300', f'--out_dir={tmp_path / "sft"}'])
-    run(['config/demo_rl.py', '--overlap=True', '--max_iters=24', '--log_interval=1', f'--out_dir={tmp_path / "rl"}',
+    # the demo's sft (800 steps, ~2 min here; 500 leave the method too weak for rl to find in a few steps), then 20
+    # overlapped rl steps of the 150 the demo runs: the reward climbs as in the sequential demo, where it went
+    # 0.53 -> 0.72 by step 20 (README: the full run)
+    run(['config/demo.py', f'--out_dir={tmp_path / "sft"}'])
+    run(['config/demo_rl.py', '--overlap=True', '--max_iters=20', '--log_interval=1', f'--out_dir={tmp_path / "rl"}',
          f'--init_from={tmp_path / "sft" / "ckpt"}'])
-    r = [m['reward_mean'] for m in metrics(tmp_path / 'rl')]
-    first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
-    assert last > first + 0.1, r
+    ms = metrics(tmp_path / 'rl')
+    r = [m['reward_mean'] for m in ms]
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.1, r
+    assert ms[-1]['len_mean'] > ms[0]['len_mean']  # it learns to show its work
