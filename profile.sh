@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # profile.sh: Nsight Systems timeline of a few training steps, NVTX ranges included (forward, backward,
-# optimizer_step, rollout_generation, reward_computation, old_logprobs, policy_loss_backward); Nsight Compute
-# on the dominant GEMMs with --ncu. Without nsys (or a GPU) it falls back to a torch.profiler trace.
+# optimizer_step, rollout_generation, reward_computation, old_logprobs, policy_loss_backward, policy_update, and
+# async_next_rollout on the rollout thread with --overlap=True); Nsight Compute on the dominant GEMMs with --ncu.
+# Without nsys (or a GPU) it falls back to a torch.profiler trace. Other arguments go to train.py.
 #   bash profile.sh config/sft.py                 # nsys, 2 GPUs
 #   bash profile.sh config/dapo.py --ncu          # + ncu on the largest kernels
+#   bash profile.sh config/dapo.py --overlap=True # the rollout of step N+1 on its own stream beside update N
 #   bash profile.sh config/tiny.py                # CPU: torch.profiler -> profiles/trace.json (chrome://tracing)
 set -euo pipefail
 cd "$(dirname "$0")"
-cfg=${1:?usage: bash profile.sh config/X.py [--ncu]}
+cfg=${1:?usage: bash profile.sh config/X.py [--ncu] [--key=value ...]}
 name=$(basename "$cfg" .py)
 mkdir -p profiles
-steps="--max_iters=3 --ckpt_interval=1000000 --out_dir=profiles/out-$name"
+ncu_too=0; extra=()
+for a in "${@:2}"; do if [ "$a" = --ncu ]; then ncu_too=1; else extra+=("$a"); fi; done
+steps="--max_iters=3 --ckpt_interval=1000000 --out_dir=profiles/out-$name ${extra[*]:-}"
 if command -v nsys >/dev/null && python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   nsys profile -t cuda,nvtx,osrt -o "profiles/$name" --force-overwrite true \
     torchrun --standalone --nproc_per_node="${NPROC:-2}" train.py "$cfg" $steps
-  if [ "${2:-}" = "--ncu" ] && command -v ncu >/dev/null; then
+  if [ "$ncu_too" = 1 ] && command -v ncu >/dev/null; then
     ncu --nvtx --nvtx-include "forward/" --launch-count 20 --set full -o "profiles/$name-ncu" --force-overwrite \
       python train.py "$cfg" $steps --max_iters=1
   fi
