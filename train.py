@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 import zlib
 
@@ -39,7 +40,7 @@ import nvtx
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 import rewards
@@ -82,6 +83,7 @@ weight_decay = 0.0  # on 2-d weights only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables
+max_skips = 3  # a step whose loss or gradient norm is not finite is skipped; more in a row than this stop the run
 batch_size = 64  # global per step, whatever the world size: sft examples | rl prompts (x group_size samples)
 micro_batch_size = 4  # sequences per forward/backward on each rank
 master_dtype = 'fp32'  # 'fp32' | 'bf16': fp32 master weights apply 1e-6-sized updates; bf16 loses them
@@ -793,26 +795,58 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
 # checkpoints: written to ckpt_NNNNNN.tmp, renamed, then the out_dir/ckpt symlink is swapped atomically
 
 
+def full_optimizer_state(model, optimizer) -> dict:
+    """adam's moments as full tensors by parameter name, whatever the sharding (a collective under fsdp2: every rank
+    calls it), so a checkpoint resumes on any number of ranks."""
+    def full(t, p):  # our moments are the local shards of p's layout
+        return (DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                if isinstance(p, DTensor) else t).cpu()
+    state = {name: {'step': st['step'], 'm': full(st['m'], p), 'v': full(st['v'], p)}
+             for name, p in model.named_parameters() if (st := optimizer.state.get(p))}
+    return {'state': state, 'param_groups': [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]}
+
+
+def load_optimizer_state(model, optimizer, sd: dict):
+    """the full moments -> this rank's shards (each rank slices its own: no communication), in the state dtype."""
+    def shard(t, p):
+        t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local() if isinstance(p, DTensor) else t
+        return t.to(local(p).device, optimizer.state_dtype)
+    for name, p in model.named_parameters():
+        if name in sd['state']:
+            st = sd['state'][name]
+            optimizer.state[p] = {'step': st['step'], 'm': shard(st['m'], p), 'v': shard(st['v'], p)}
+    for g, saved in zip(optimizer.param_groups, sd['param_groups']):
+        g.update(saved)
+
+
 def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank: int, world: int,
                     pending=None):
-    """pending: an overlapped run's finished rollout of the next step (this rank's share), so a resume uses it as the
-    uninterrupted run would, rather than regenerating it from later weights."""
+    """a collective: every rank calls it. pending: an overlapped run's finished rollout of the next step (this rank's
+    share), so a resume uses it as the uninterrupted run would, rather than regenerating it from later weights."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
+    finite = torch.tensor([float(all(local(p).isfinite().all() for p in model.parameters()))],
+                          device=local(next(model.parameters())).device)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():  # host sync; the non-finite guard makes this unreachable, and a checkpoint must never hold one
+        raise SystemExit(f"step {step}: the weights are not finite; no checkpoint written ({out_dir}/ckpt is the last good one)")
     if isinstance(model, FSDPModule):  # collective: every rank takes part (torchrun with 1 rank shards too)
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    osd = full_optimizer_state(model, optimizer)
     tmp = os.path.join(out_dir, 'ckpt.tmp')
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
         os.makedirs(tmp)
     if world > 1:
         dist.barrier()
-    torch.save({'optimizer': optimizer.state_dict(), 'rng': torch.get_rng_state(), 'world_size': world, 'pending': pending},
+    torch.save({'rng': torch.get_rng_state(), 'world_size': world, 'pending': pending},
                os.path.join(tmp, f'train_state_rank{rank}.pt'))
     if rank == 0:
+        torch.save(osd, os.path.join(tmp, 'optimizer.pt'))
         if model.config.tie_word_embeddings:
             sd.pop('lm_head.weight', None)
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, 'model.safetensors'),
@@ -843,12 +877,27 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
 
 
 def load_train_state(ckpt: str, rank: int, world: int) -> tuple[dict, dict]:
+    """-> (train_state.json, this rank's rng and pending rollout). on another world size the per-rank part is
+    dropped: the weights and the optimizer reshard, the data stream is global, and sampling seeds come from
+    (step, round, rank), so the run goes on as an uninterrupted one at the new world size would."""
     with open(os.path.join(ckpt, 'train_state.json')) as f:
         state = json.load(f)
     path = os.path.join(ckpt, f'train_state_rank{rank}.pt')
-    if not os.path.isfile(path) or state['world_size'] != world:
-        raise SystemExit(f"resume: {ckpt} was written by {state['world_size']} ranks; run with the same world size")
+    if state['world_size'] != world:
+        return state, {'pending': None}
     return state, torch.load(path, weights_only=False)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """metrics.jsonl, without a last line that a kill left half-written."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -953,11 +1002,15 @@ if __name__ == "__main__":
     # context per use: an autocast object keeps its previous state when entered, so two threads must not share one
     optimizer = AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                       state_dtype=DTYPES[optim_dtype])
-    if rstate is not None:
-        optimizer.load_state_dict(rstate['optimizer'])
-        torch.set_rng_state(rstate['rng'])
-    step, data_pos = state['step'], state['data_pos']
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    if rstate is not None:
+        load_optimizer_state(model, optimizer, torch.load(os.path.join(ckpt_path, 'optimizer.pt'), weights_only=False))
+        if 'rng' in rstate:
+            torch.set_rng_state(rstate['rng'])
+        else:
+            log(f"resume: {ckpt_path} was written by {state['world_size']} ranks, this run has {world}: weights and "
+                f"optimizer resharded; the cpu rng and an overlapped run's pending rollout start afresh")
+    step, data_pos = state['step'], state['data_pos']
     n_params = sum(p.numel() for p in model.parameters())
     log(f"mode {mode} | {n_params / 1e6:.2f}M params | world {world} | device {device} | master {master_dtype}"
         f" | adam {optim_dtype} | init {config['init_from']}" + (" | overlapped rollouts" if overlap else ''))
@@ -980,11 +1033,17 @@ if __name__ == "__main__":
     eos_ids = [eos_id]
 
     def optimizer_step(m: dict):
+        """clip and step, unless the loss or the gradient norm is not finite: then no rank steps. the norm is global
+        under fsdp2 and the loss all-reduced, so every rank sees the same values and decides alike, with no
+        collective of its own."""
         with nvtx.annotate('optimizer_step'):
-            if grad_clip > 0:
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
-            optimizer.step()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+            m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
+            bad = [k for k in ('loss', 'grad_norm') if k in m and not math.isfinite(float(m[k]))]  # host sync
+            if bad:
+                m.update(skipped=True, skip_reason=f"non-finite {' and '.join(bad)}")
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     # -----------------------------------------------------------------------------
@@ -1084,7 +1143,7 @@ if __name__ == "__main__":
         t3, ent_sum = time.time(), torch.zeros((), device=device)
         for it in range(num_iterations):
             if it > 0:
-                optimizer_step({})
+                optimizer_step(m)
             loss_sum, st_sum = torch.zeros((), device=device), {}
             for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
                 if ddp:
@@ -1141,11 +1200,17 @@ if __name__ == "__main__":
         pending.set_result(rstate['pending'])
 
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    if master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo
-        old = open(metrics_path).readlines() if init_from == 'resume' and os.path.exists(metrics_path) else []
-        with open(metrics_path, 'w') as f:
-            f.writelines(l for l in old if json.loads(l)['step'] <= step)
-    t_last = time.time()
+    if master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo. atomic: a kill here
+        # leaves the old file or the new one
+        old = read_metrics(metrics_path) if init_from == 'resume' and os.path.exists(metrics_path) else []
+        with open(metrics_path + '.tmp', 'w') as f:
+            f.writelines(json.dumps(m) + '\n' for m in old if m['step'] <= step)
+        os.replace(metrics_path + '.tmp', metrics_path)
+    # preemption: SIGTERM or SIGINT asks for a checkpoint after the current step; all ranks agree on when
+    signals = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda num, frame: signals.append(num))
+    skips, t_last = 0, time.time()
     while step < max_iters:
         lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters)
         for g in optimizer.param_groups:
@@ -1198,19 +1263,30 @@ if __name__ == "__main__":
         if master:
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(m) + '\n')
-            if step % log_interval == 0 or step == max_iters:
-                extra = '' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
+            if step % log_interval == 0 or step == max_iters or m.get('skipped'):
+                extra = (f" | skipped: {m['skip_reason']}" if m.get('skipped') else '') + ('' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
                                                    f"len {m['len_mean']:.0f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
                                                    + (f" | kl {m['kl']:.4f}" if 'kl' in m else '')
                                                    + (f" | |log ratio| {m['log_ratio']:.4f}" if overlap else '')
-                                                   + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else ''))
+                                                   + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else '')))
                 print(f"step {step}/{max_iters} | loss {m['loss']:.4f}{extra} | lr {lr:.1e} | {dt * 1000:.0f} ms",
                       flush=True)
-        if step % ckpt_interval == 0 or step == max_iters:
+        skips = skips + 1 if m.get('skipped') else 0
+        if skips > max_skips:
+            raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = {max_skips}); "
+                             f"stopping. the last checkpoint, {out_dir}/ckpt, holds finite weights")
+        stop = torch.tensor([float(bool(signals))], device=device)
+        if ddp:  # a signal may reach one rank only (or one first): the decision is collective, so none waits forever
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        stop = stop.item() > 0  # host sync
+        if step % ckpt_interval == 0 or step == max_iters or stop:
             state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
                      'config': config}
             save_checkpoint(out_dir, step, model, optimizer, tok, state, rank, world,
                             pending=pending.result() if pending is not None else None)
+        if stop:
+            log(f"step {step}: stopped by a signal; checkpoint written to {out_dir}/ckpt (--init_from=resume continues)")
+            break
     if overlap:
         threads.shutdown()
     if ddp:
