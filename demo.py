@@ -6,7 +6,8 @@
     python demo.py --overlap              # rl generates step N+1 from the weights before update N while N trains
 
 Stages are plain train.py / eval.py runs (config/demo.py, config/demo_rl.py), so each can be rerun by hand;
-their commands are printed. Ends with a before/after table and sample completions.
+their commands are printed. Ends with a before/after table, sample completions and the rl runs' training
+curves on one figure, <out>/curves.png (plot.py; skipped with an install hint when matplotlib is missing).
 """
 import argparse
 import json
@@ -15,6 +16,8 @@ import re
 import subprocess
 import sys
 import time
+
+import plot
 
 
 def run(cmd: list[str], env: dict) -> float:
@@ -63,7 +66,8 @@ if __name__ == '__main__':
     t_sft = run([sys.executable, 'train.py', 'config/demo.py', f'--out_dir={sft}'] + seed + quick, env)
     before, t_ev0 = evaluate(os.path.join(sft, 'ckpt'), os.path.join(args.out, 'eval-sft'), limit, args.quick, env)
     rows = [('sft', before, t_sft, t_ev0)]
-    for mode in args.modes.split(','):
+    modes = args.modes.split(',')
+    for mode in modes:
         rl = os.path.join(args.out, mode)
         t_rl = run([sys.executable, 'train.py', 'config/demo_rl.py', f'--mode={mode}', f'--out_dir={rl}',
                     f'--init_from={os.path.join(sft, "ckpt")}', f'--overlap={args.overlap}'] + seed + quick, env)
@@ -87,3 +91,8 @@ if __name__ == '__main__':
     print(f"\ngreedy answers that {last} fixed: {len(fixed)}, broke: {len(broken)} (of {len(pairs)}); examples:")
     for b, a in fixed[:3] + broken[:1]:
         print(f"{b['question']}  (gold {b['gold']})\n  sft:  {b['greedy']['completion']!r}\n  {last}: {a['greedy']['completion']!r}")
+    try:
+        png = plot.plot_runs([os.path.join(args.out, m) for m in modes], os.path.join(args.out, 'curves.png'), modes)
+        print(f"\ntraining curves of {', '.join(modes)}: {png}")
+    except ImportError as e:  # the curves are optional, the demo's results are above
+        print(f"\nno training curves: {e}")

@@ -1,4 +1,4 @@
-"""demo.py --quick: sft -> dapo -> eval plumbing (sft checkpoint feeds rl, eval reads each stage, the table)."""
+"""demo.py --quick: sft -> dapo -> eval plumbing (sft checkpoint feeds rl, eval reads each stage, the table, the curves)."""
 import json
 import os
 import re
@@ -59,6 +59,10 @@ def test_demo_quick(tmp_path):
              round(100 * work)], abs=0.051)
     # eval of the rl stage read the rl checkpoint: the command demo.py printed names it
     assert any(x.startswith('$ ') and 'eval.py' in x and f"--ckpt {tmp_path / 'dapo' / 'ckpt'}" in x for x in lines)
+    # the rl run's training curves, drawn by plot.py and printed
+    assert f"training curves of dapo: {tmp_path / 'curves.png'}" in lines
+    with open(tmp_path / 'curves.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 def test_shows_work_counts_non_empty_think(tmp_path):
