@@ -597,7 +597,7 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
 
 
 def hf_engine(model, cache, attn, n_samples: int, kw: str):
-    """today's path: the HF forward on a DynamicCache that grows a column per token and drops finished rows."""
+    """the slow path (engine='hf'): the HF forward on a DynamicCache that grows a column a token, finished rows dropped."""
     cache.batch_repeat_interleave(n_samples)
     attn = attn.repeat_interleave(n_samples, 0)
     pos = attn.sum(-1)  # (n,) next position of each live row
