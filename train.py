@@ -795,12 +795,13 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
 # checkpoints: written to ckpt_NNNNNN.tmp, renamed, then the out_dir/ckpt symlink is swapped atomically
 
 
-def full_optimizer_state(model, optimizer) -> dict:
-    """adam's moments as full tensors by parameter name, whatever the sharding (a collective under fsdp2: every rank
-    calls it), so a checkpoint resumes on any number of ranks."""
+def full_optimizer_state(model, optimizer, keep: bool) -> dict:
+    """adam's moments as full tensors by parameter name, whatever the sharding, so a checkpoint resumes on any number
+    of ranks. a collective under fsdp2 (every rank calls it); only the rank that keeps them holds them on the host."""
     def full(t, p):  # our moments are the local shards of p's layout
-        return (DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-                if isinstance(p, DTensor) else t).cpu()
+        t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor() \
+            if isinstance(p, DTensor) else t
+        return t.cpu() if keep else None
     state = {name: {'step': st['step'], 'm': full(st['m'], p), 'v': full(st['v'], p)}
              for name, p in model.named_parameters() if (st := optimizer.state.get(p))}
     return {'state': state, 'param_groups': [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]}
@@ -836,7 +837,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    osd = full_optimizer_state(model, optimizer)
+    osd = full_optimizer_state(model, optimizer, keep=rank == 0)
     tmp = os.path.join(out_dir, 'ckpt.tmp')
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
@@ -1004,7 +1005,8 @@ if __name__ == "__main__":
                       state_dtype=DTYPES[optim_dtype])
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     if rstate is not None:
-        load_optimizer_state(model, optimizer, torch.load(os.path.join(ckpt_path, 'optimizer.pt'), weights_only=False))
+        load_optimizer_state(model, optimizer,  # mmap: each rank reads only its slices
+                             torch.load(os.path.join(ckpt_path, 'optimizer.pt'), weights_only=False, mmap=True))
         if 'rng' in rstate:
             torch.set_rng_state(rstate['rng'])
         else:
