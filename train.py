@@ -51,6 +51,9 @@ out_dir = 'out'  # checkpoints (out_dir/ckpt -> newest ckpt_NNNNNN) and metrics.
 init_from = 'Qwen/Qwen2.5-3B'  # hub name | local HF dir (e.g. an SFT out_dir/ckpt) | 'scratch' | 'resume'
 ckpt_interval = 100  # steps between checkpoints; one is always written at the end
 log_interval = 1  # steps between log lines
+wandb_log = False  # also send every metrics.jsonl row to wandb (rank 0); off: wandb is never imported
+wandb_project = 'reasoning-engine'
+wandb_run_name = 'run'
 # data
 dataset = 'openai/gsm8k'  # hub name | path/to/file.jsonl | 'arith' (built-in synthetic task)
 dataset_config = 'main'  # hub dataset config name ('' for none)
@@ -1239,6 +1242,9 @@ if __name__ == "__main__":
         with open(metrics_path + '.tmp', 'w') as f:
             f.writelines(json.dumps(m) + '\n' for m in old if m['step'] <= step)
         os.replace(metrics_path + '.tmp', metrics_path)
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     # preemption: SIGTERM or SIGINT asks for a checkpoint after the current step; all ranks agree on when
     signals = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1296,6 +1302,8 @@ if __name__ == "__main__":
         if master:
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(m) + '\n')
+            if wandb_log:
+                wandb.log(m, step=step)
             if step % log_interval == 0 or step == max_iters or m.get('skipped'):
                 extra = (f" | skipped: {m['skip_reason']}" if m.get('skipped') else '') + ('' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
                                                    f"len {m['len_mean']:.0f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
