@@ -1013,7 +1013,8 @@ if __name__ == "__main__":
             raise SystemExit(f"init_from = 'resume' but {out_dir}/ckpt does not exist")
         state, rstate = load_train_state(ckpt_path, rank, world)
         config['init_from'] = ckpt_path
-    tok = Tokenizer.bytes_level() if config['init_from'] == 'scratch' else load_pretrained(config['init_from'], 'init_from', Tokenizer.load)
+    tok = (Tokenizer.bytes_level() if config['init_from'] == 'scratch' else
+           load_pretrained(config['init_from'], 'init_from', Tokenizer.load))
     eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
     model = build_model(config, tok)
     infer = None  # overlap: the frozen copy rollouts generate from (bf16 on gpu); the optimizer never writes it

@@ -206,6 +206,20 @@ def test_data_file_errors_name_the_path(tmp_path, content, needle):
     assert needle.format(p=path) in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize('args,want', [
+    (['--init_from=/no/such/model'], "init_from = '/no/such/model': no such directory"),
+    (['--init_from=nobody/no-such-model'], "init_from = 'nobody/no-such-model': no such local directory, and the "
+                                           "Hugging Face hub could not provide it (offline"),
+    (['--dataset=no/such.jsonl'], "data error: dataset = 'no/such.jsonl': no such file"),
+])
+def test_train_errors_are_one_plain_line(run_train, tmp_path, monkeypatch, args, want):
+    """a mistyped init_from path no longer ends in the hub's "Repo id must use alphanumeric chars" message"""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # no network at test time; the hub's answer must still be plain
+    p = run_train(['config/tiny.py', f'--out_dir={tmp_path}', '--max_iters=1'] + args, check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(want), \
+        p.stderr[-2000:]
+
+
 def test_real_gsm8k_file_converts(tmp_path):
     src = next((p for p in ('/work/shared/data/gsm8k_train.jsonl', '/work/shared/data/gsm8k_test.jsonl')
                 if os.path.isfile(p)), None)
