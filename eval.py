@@ -5,6 +5,8 @@
     python eval.py --ckpt out-demo/rl/ckpt --dataset arith --limit 200 --n_samples 8
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt out-sft/ckpt --dataset both
 
+Two scores, as lm-evaluation-harness reports GSM8K: strict (the <answer> tag, what the RL reward reads: pass@1_greedy,
+pass@k, ...) and flexible (with no tag, the last \\boxed{}, else the last number: flex_pass@1_greedy, flex_pass@k, ...).
 Problems are cut into fixed batches, each seeded by its index, and batch b runs on rank b % world, so 1 and 2
 ranks give the same results, and a restarted eval skips the batches already in out/results.*.jsonl.
 """
@@ -50,18 +52,21 @@ def load_problems(args, cfg: dict) -> list[dict]:
     for i, r in enumerate(raw[:args.limit or None]):
         for field in (qf, af):
             if not isinstance(r.get(field), str) or not r[field].strip():
-                raise SystemExit(f"{src} row {i}: field '{field}' is missing or empty (keys: {sorted(r)}); "
-                                 f"set --question_field / --answer_field")
+                v = 'missing' if r.get(field) is None else f"{r[field]!r:.40}"
+                raise SystemExit(f"{src} row {i}: field '{field}' is {v}, expected a non-empty string "
+                                 f"(keys: {sorted(r)}); set --question_field / --answer_field")
         gold = rewards.gsm8k_gold(r[af]) if '####' in r[af] else r[af].strip()
         pid = str(r.get('unique_id') or r.get('id') or f'{args.dataset}-{i}')
         out.append({'id': pid, 'question': r[qf], 'gold': gold})
+    if not out:
+        raise SystemExit(f"{src}: no problems (expected rows with '{qf}' and '{af}' fields)")
     return out
 
 
 def score(text: str, gold: str, n_tokens: int, truncated: bool) -> dict:
-    ans = rewards.extract_answer(text)
-    return {'completion': text, 'answer': ans, 'correct': rewards.is_correct(ans, gold), 'length': n_tokens,
-            'truncated': truncated}
+    ans, flex = rewards.extract_answer(text), rewards.extract_flexible(text)
+    return {'completion': text, 'answer': ans, 'correct': rewards.is_correct(ans, gold), 'flex_answer': flex,
+            'flex_correct': rewards.is_correct(flex, gold), 'length': n_tokens, 'truncated': truncated}
 
 
 def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int], seed: int) -> list[dict]:
@@ -100,6 +105,7 @@ def summarize(rows: list[dict], ks: list[int], temperature: float) -> dict:
     """accuracy, pass@k, and the baseline analysis (lengths of correct vs wrong, truncation, format failures)."""
     greedy = [r['greedy'] for r in rows]
     s = {'n': len(rows), 'pass@1_greedy': sum(g['correct'] for g in greedy) / len(rows),
+         'flex_pass@1_greedy': sum(g['flex_correct'] for g in greedy) / len(rows),
          'truncation_rate': sum(g['truncated'] for g in greedy) / len(rows),
          'format_failure_rate': sum(g['answer'] is None for g in greedy) / len(rows)}
     for name, keep in (('correct', True), ('incorrect', False)):
@@ -112,8 +118,11 @@ def summarize(rows: list[dict], ks: list[int], temperature: float) -> dict:
         cs = [sum(x['correct'] for x in r['samples']) for r in rows]
         s['temperature'], s['n_samples'] = temperature, n
         s['pass@1_sampled'] = sum(c / n for c in cs) / len(rows)
+        fs = [sum(x['flex_correct'] for x in r['samples']) for r in rows]
+        s['flex_pass@1_sampled'] = sum(c / n for c in fs) / len(rows)
         for k in sorted({k for k in ks if 1 < k <= n} | {2 ** i for i in range(1, int(math.log2(n)) + 1)}):
             s[f'pass@{k}'] = sum(pass_at_k(n, c, k) for c in cs) / len(rows)
+            s[f'flex_pass@{k}'] = sum(pass_at_k(n, c, k) for c in fs) / len(rows)
         s['skipped_k'] = [k for k in ks if k > n]  # pass@k needs k <= n samples: noted, never fatal
         if s['skipped_k']:
             print(f"pass@{','.join(map(str, s['skipped_k']))} skipped: only {n} samples per problem", file=sys.stderr)
@@ -127,17 +136,18 @@ def summarize(rows: list[dict], ks: list[int], temperature: float) -> dict:
 def table(summaries: dict) -> str:
     names = list(summaries)
     lines = ['| Metric | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-    keys = ['n', 'pass@1_greedy'] + [k for k in next(iter(summaries.values())) if k.startswith('pass@') and
-                                     k not in ('pass@1_greedy',)] + \
+    first = next(iter(summaries.values()))
+    keys = ['n'] + [k for k in first if k.startswith('pass@')] + [k for k in first if k.startswith('flex_pass@')] + \
            ['gap', 'len_mean', 'len_correct_mean', 'len_incorrect_mean', 'truncation_rate', 'format_failure_rate']
     for k in keys:
         cells = []
         for s in summaries.values():
             v = s.get(k)
             cells.append('-' if v is None else f'{v}' if k == 'n' else f'{100 * v:.1f}%'
-                         if k.startswith(('pass', 'gap', 'trunc', 'format')) else f'{v:.1f}')
+                         if k.startswith(('pass', 'flex', 'gap', 'trunc', 'format')) else f'{v:.1f}')
+        base = k.removeprefix('flex_')
         label = {'pass@1_greedy': 'pass@1 (greedy)', 'pass@1_sampled': 'pass@1 (sampled)',
-                 'gap': 'gap (pass@k - greedy)'}.get(k, k)
+                 'gap': 'gap (pass@k - greedy)'}.get(base, base) + (', flexible' if k != base else '')
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -217,7 +227,7 @@ def main(argv=None):
         from transformers import AutoTokenizer
         tok = train.Tokenizer(hf=AutoTokenizer.from_pretrained(path, **extra))
     else:
-        tok = train.Tokenizer.load(path)
+        tok = train.load_pretrained(path, '--model', train.Tokenizer.load)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(args.device).eval()
     eos_ids = [tok.token_id(cfg['eos_token'] or tok.default_eos(cfg['prompt_template']))]
     out_dir = args.out or (os.path.join(path, 'eval') if args.ckpt else 'eval-out')

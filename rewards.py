@@ -45,6 +45,17 @@ def extract_answer(completion: str) -> str | None:
     return completion[start + len('<answer>'):end].strip() or None
 
 
+def extract_flexible(completion: str) -> str | None:
+    """lm-evaluation-harness's flexible GSM8K extract when there is no <answer> tag: the last \\boxed{}, else the last
+    number of the completion. eval.py reports it next to the strict score; the RL reward stays strict."""
+    if (ans := extract_answer(completion)) is not None:
+        return ans
+    if (box := _last_boxed(completion)) is not completion:
+        return box.strip() or None
+    nums = re.findall(r'-?\d[\d,]*(?:\.\d+)?', completion)
+    return nums[-1].rstrip(',') if nums else None
+
+
 def _well_formed(completion: str) -> bool:
     """Exactly one </think>, then nothing but whitespace around exactly one non-empty <answer>...</answer>."""
     if completion.count('</think>') != 1:
@@ -96,18 +107,23 @@ _RULES = [(re.compile(p), r) for p, r in [
     (r'\\(?:left|right)\.', ''),  # the invisible delimiter of \left. x \right|
     (r'\\([a-zA-Z]+)', lambda m: _MACROS.get(m[1], m[0])),
     (r'(?<=\d)(?:,\\!|\{,\}|\\,)\s*(?=\d{3}(?!\d))', ''),  # thousands: 10,\!080 (MATH), 10{,}080, 10\,080
+    (r'\*\*(.+?)\*\*', r'\1'),  # markdown bold; a lone 2**3 stays a power
     (r'\\?[%$]', ''),  # 20\% is 20, never 0.2
     (r'\\[,;:! ]|~', ' '),
     (r'\\frac\s*(\d)\s*(\d)', r'\\frac{\1}{\2}'),  # \frac43, \frac 59: tex reads one digit per argument
     (r'\\frac\s*(\d)', r'\\frac{\1}'),  # \frac9{19}
     (r'\\frac\s*(\{[^{}]*\})\s*(\d)', r'\\frac\1{\2}'),  # \frac{270}7
-    (r'\\sqrt\s*(\d)', r'\\sqrt{\1}'),  # 11\sqrt2
+    (r'\\sqrt\s*(\d+)', r'\\sqrt{\1}'),  # 11\sqrt2; models write 3\sqrt13 (and 3√13) for 3\sqrt{13}, not tex's 3\sqrt{1}3
+    (r'(?<![\w.])(\d+\.?\d*|\.\d+)[eE]([-+]?\d+)(?![\w.])', r'\1*10^{\2}'),  # e-notation: 1.5e-3, 2E6
     (r'\s+', ' '),
 ]]
 _IN_SET = re.compile(r'[A-Za-z]\s*\\in(?![a-zA-Z])\s*')  # x \in [-2,7]
 _UNIT = re.compile(r'(?:\s|(?<=\d))([A-Za-z]{2,})(?:\^\{?\d\}?)?$')  # 18 dollars, 864 inches^2, 18cm
 _SHORT_UNITS = {'cm', 'mm', 'km', 'ft', 'in', 'yd', 'mi', 'kg', 'mg', 'lb', 'oz', 'ml', 'hr', 'am', 'pm'}
 _THOUSANDS = re.compile(r'[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?')  # 1,234,567 but not 1,23 or (6,31,-1)
+_PAREN = re.compile(r'([-+]?\d[\d,]*(?:\.\d+)?) +\((?![^()]*\bor\b)[^()]*\)')  # 18 (9 + 9), 18 (dollars); never 18 (or 17)
+_PROSE = re.compile(r'(?<![\\A-Za-z])[A-Za-z]{3,}')
+_NUMBER = re.compile(r'[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?')  # 1,234.5 and 3/4 are one number each
 _HEDGE = re.compile(r',?\s+(?:or|and)\s+|\s*;\s*')  # "17 or 18" becomes a list, which never matches one value
 
 
@@ -137,6 +153,7 @@ def _normalise(s: str) -> str:
         s = pattern.sub(repl, s)
     s = s.strip().rstrip('.').strip()
     s = s[m.end():] if (m := _IN_SET.match(s)) else s
+    s = m[1] if (m := _PAREN.fullmatch(s)) else s
     for _ in range(4):  # 30 miles per hour
         m = _UNIT.search(s)
         word = m[1].lower() if m else ''
@@ -144,6 +161,9 @@ def _normalise(s: str) -> str:
         if not unit:  # 5 pi and 2ab keep their letters, and so does a bare word
             break
         s = s[:m.start()].rstrip()
+    words = [w for w in _PROSE.findall(s) if w.lower() not in _NAMES]
+    if words and '=' not in s and len(nums := _NUMBER.findall(s)) == 1:  # a sentence around one number is that
+        s = nums[0]  # number ("she makes 18 a day"); two numbers in prose are a hedge or an echo: left to fail
     return _HEDGE.sub(', ', s.replace(',', '') if _THOUSANDS.fullmatch(s) else s)
 
 # -----------------------------------------------------------------------------
@@ -491,6 +511,20 @@ def _is_text(s: str) -> bool:
     return m is not None and (m[1] is not None or any(len(w) > 2 and w.lower() not in _NAMES for w in s.split()))
 
 
+def _chain_value(a: str) -> str:
+    """The last side of an equation chain whose sides all agree, after an optional label (x =, total =), else a.
+
+    3 + 4 = 8 offers two values (7 and 8), and x + 1 = 5 says nothing about x: both stay as they are, and fail."""
+    sides = [x.strip() for x in a.split('=')]
+    if _ASSIGN.fullmatch(sides[0] + '=') or _is_text(sides[0]):
+        sides = sides[1:]
+    trees = [_parse(x) for x in sides]
+    if len(sides) < 1 or any(t is None or t[1] for t in trees):
+        return a
+    last = trees[-1][0]
+    return sides[-1] if all(_agree(t[0], last, frozenset(), (False, False)) for t in trees[:-1]) else a
+
+
 def _item_equal(a: str, g: str) -> bool:
     """One normalised answer element against one normalised gold element."""
     if a.replace(' ', '') == g.replace(' ', ''):
@@ -505,6 +539,8 @@ def _item_equal(a: str, g: str) -> bool:
         if None not in sides and (names := frozenset().union(*(p[1] for p in sides))):
             if _agree(('-', sides[0][0], sides[1][0]), ('-', sides[2][0], sides[3][0]), names, (False, False), True):
                 return True
+    if '=' in a and '=' not in g:  # x = 15 + 3 = 18 and "total = 18" answer 18
+        a = _chain_value(a)
     a, g = [s[m.end():].strip() if (m := _ASSIGN.match(s)) and s.count('=') == 1 else s for s in (a, g)]
     pa, pg = ('=' not in a + g and _parse(a)), ('=' not in a + g and _parse(g))
     return bool(pa and pg) and _agree(pa[0], pg[0], pa[1] | pg[1], ('.' in a, '.' in g))

@@ -51,14 +51,17 @@ out_dir = 'out'  # checkpoints (out_dir/ckpt -> newest ckpt_NNNNNN) and metrics.
 init_from = 'Qwen/Qwen2.5-3B'  # hub name | local HF dir (e.g. an SFT out_dir/ckpt) | 'scratch' | 'resume'
 ckpt_interval = 100  # steps between checkpoints; one is always written at the end
 log_interval = 1  # steps between log lines
+wandb_log = False  # also send every metrics.jsonl row to wandb (rank 0); off: wandb is never imported
+wandb_project = 'reasoning-engine'
+wandb_run_name = 'run'
 # data
 dataset = 'openai/gsm8k'  # hub name | path/to/file.jsonl | 'arith' (built-in synthetic task)
 dataset_config = 'main'  # hub dataset config name ('' for none)
 split = 'train'  # hub split; for 'arith': 'train' | 'test' (disjoint problems)
 question_field = 'question'  # field holding the problem
 answer_field = 'answer'  # field holding the final answer, or a GSM8K solution ('reasoning #### answer')
-reasoning_field = ''  # field holding the reasoning; '' means answer_field is a GSM8K solution
-prompt_template = 'r1'  # 'r1' (plain text, base models) | 'chat' (tokenizer chat template) | '...{question}...'
+reasoning_field = ''  # sft: field holding the reasoning; '' means answer_field is a GSM8K solution. rl never reads it
+prompt_template = 'r1'  # 'r1' (plain text, base models) | 'chat' (chat template, R1 format in the user turn) | '...{question}...'
 system_prompt = 'You are a helpful assistant.'  # 'chat' only: always explicit (Qwen base vs instruct differ)
 eos_token = ''  # end of completion; '' = '<|im_end|>' with 'chat', else the tokenizer's end of text
 max_seq_len = 1024  # sft: longer examples are dropped and counted in the log
@@ -116,10 +119,12 @@ logprob_chunk = 256  # positions per fp32 log-softmax chunk (never a (B, T, V) f
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list))]
 MODES = ('sft', 'grpo', 'dr_grpo', 'dapo')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+R1_TAGS = ("The reasoning and the answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, "
+           "i.e., <think> reasoning here </think><answer> answer here </answer>.")
 R1_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
-               "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning and "
-               "the answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-               "<think> reasoning here </think><answer> answer here </answer>.\nUser: {question}\nAssistant: ")
+               "The Assistant first thinks about the reasoning process and then gives the answer. " + R1_TAGS +
+               "\nUser: {question}\nAssistant: ")
+R1_CHAT = "\n\nFirst think about the reasoning process, then give the answer. " + R1_TAGS  # after the question
 SPECIALS = ['<|endoftext|>', '<think>', '</think>', '<answer>', '</answer>']
 
 # -----------------------------------------------------------------------------
@@ -190,7 +195,8 @@ def format_prompt(question: str, template: str, tok: Tokenizer, system: str) -> 
     if template == 'r1':
         return R1_TEMPLATE.replace('{question}', question)
     if template == 'chat':
-        msgs = [{'role': 'system', 'content': system}, {'role': 'user', 'content': question}]
+        # an instruct model answers in prose unless told the format (issue 14): the user turn says it, as r1 does
+        msgs = [{'role': 'system', 'content': system}, {'role': 'user', 'content': question + R1_CHAT}]
         return tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return template.replace('{question}', question)  # not .format: latex braces in a template stay as they are
 
@@ -234,20 +240,28 @@ def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace
     return rows
 
 
-def to_rows(raw: list[dict], question_field: str, answer_field: str, reasoning_field: str, source: str) -> list[dict]:
+def to_rows(raw: list[dict], question_field: str, answer_field: str, reasoning_field: str, source: str,
+            sft: bool = True) -> list[dict]:
+    """rl needs a question and a final answer; sft also a worked solution (reasoning_field, or GSM8K's '####')."""
+    if not raw:
+        raise ValueError(f"{source}: no rows (expected rows with '{question_field}' and '{answer_field}' fields)")
     rows = []
     for i, r in enumerate(raw):
-        for field in (question_field, answer_field) + ((reasoning_field,) if reasoning_field else ()):
-            if not isinstance(r.get(field), str) or not r[field].strip():
-                raise ValueError(f"{source} row {i}: field '{field}' is missing or empty (keys: {sorted(r)})")
-        if reasoning_field:
-            rows.append({'question': r[question_field], 'reasoning': r[reasoning_field].strip(),
-                         'answer': r[answer_field].strip()})
-            continue
+        for field in (question_field, answer_field) + ((reasoning_field,) if reasoning_field and sft else ()):
+            v = r.get(field) if isinstance(r, dict) else None
+            if not isinstance(v, str) or not v.strip():
+                got = 'missing' if v is None else 'empty' if isinstance(v, str) else f'{type(v).__name__} {v!r:.40}'
+                raise ValueError(f"{source} row {i}: field '{field}' is {got}, expected a non-empty string "
+                                 f"(keys: {sorted(r) if isinstance(r, dict) else type(r).__name__})")
         sol = r[answer_field]
+        if reasoning_field or ('####' not in sol and not sft):
+            rows.append({'question': r[question_field], 'reasoning': r[reasoning_field].strip() if sft else '',
+                         'answer': sol.strip()})
+            continue
         if '####' not in sol:
-            raise ValueError(f"{source} row {i}: field '{answer_field}' has no '####' before the final answer "
-                             f"(set reasoning_field if the reasoning is elsewhere): {sol[:80]!r}")
+            raise ValueError(f"{source} row {i}: sft needs a worked solution, but field '{answer_field}' has no '####' "
+                             f"before the final answer (set reasoning_field if the reasoning is elsewhere; rl modes "
+                             f"need only the final answer): {sol[:80]!r}")
         reasoning, final = sol.rsplit('####', 1)
         reasoning = re.sub(r'<<[^<>]*>>', '', reasoning).strip()  # gsm8k calculator annotations
         rows.append({'question': r[question_field], 'reasoning': reasoning, 'answer': rewards.gsm8k_gold(sol)})
@@ -260,6 +274,8 @@ def load_rows(cfg: dict, split: str, n_arith: int = 20000) -> list[dict]:
         return arith_problems(n_arith, split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
                               cfg['arith_trace_frac'], cfg['arith_task'])
     if name.endswith('.jsonl'):
+        if not os.path.isfile(name):
+            raise ValueError(f"dataset = {name!r}: no such file (expected a .jsonl of {{question, answer}} rows)")
         with open(name) as f:
             raw = []
             for i, line in enumerate(f):
@@ -270,8 +286,12 @@ def load_rows(cfg: dict, split: str, n_arith: int = 20000) -> list[dict]:
                         raise ValueError(f"{name} line {i + 1}: not valid JSON ({e})") from None
     else:
         import datasets
-        raw = datasets.load_dataset(name, cfg['dataset_config'] or None, split=split).to_list()
-    return to_rows(raw, cfg['question_field'], cfg['answer_field'], cfg['reasoning_field'], name)
+        try:
+            raw = datasets.load_dataset(name, cfg['dataset_config'] or None, split=split).to_list()
+        except (OSError, ConnectionError, ValueError) as e:  # the hub's own messages rarely say "offline"
+            raise ValueError(f"dataset = {name!r}: not a local .jsonl, and the Hugging Face hub could not provide it "
+                             f"(offline, only datasets already in the HF cache load): {str(e).splitlines()[0]}") from None
+    return to_rows(raw, cfg['question_field'], cfg['answer_field'], cfg['reasoning_field'], name, cfg['mode'] == 'sft')
 
 
 def completion_text(row: dict) -> str:
@@ -351,6 +371,19 @@ def build_model(cfg: dict, tok: Tokenizer):
         torch.manual_seed(cfg['seed'])  # identical init on every rank
         return Qwen2ForCausalLM(mc).to(dtype)
     return AutoModelForCausalLM.from_pretrained(cfg['init_from'], dtype=dtype)
+
+
+def load_pretrained(path: str, key: str, load):
+    """load(path), with a mistyped local path or a hub name that cannot be reached said plainly, not as a hub traceback."""
+    if not os.path.isdir(path) and (path.startswith(('/', '.', '~')) or path.count('/') > 1):
+        raise SystemExit(f"{key} = {path!r}: no such directory (expected a local model dir or a hub name like 'Qwen/Qwen2.5-3B')")
+    try:
+        return load(path)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise
+        raise SystemExit(f"{key} = {path!r}: no such local directory, and the Hugging Face hub could not provide it "
+                         f"(offline, only models already in the HF cache load): {str(e).splitlines()[0]}") from None
 
 
 def shard(model, mesh, param_dtype):
@@ -981,7 +1014,8 @@ if __name__ == "__main__":
             raise SystemExit(f"init_from = 'resume' but {out_dir}/ckpt does not exist")
         state, rstate = load_train_state(ckpt_path, rank, world)
         config['init_from'] = ckpt_path
-    tok = Tokenizer.bytes_level() if config['init_from'] == 'scratch' else Tokenizer.load(config['init_from'])
+    tok = (Tokenizer.bytes_level() if config['init_from'] == 'scratch' else
+           load_pretrained(config['init_from'], 'init_from', Tokenizer.load))
     eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
     model = build_model(config, tok)
     infer = None  # overlap: the frozen copy rollouts generate from (bf16 on gpu); the optimizer never writes it
@@ -1023,7 +1057,10 @@ if __name__ == "__main__":
         return x
 
     # data: the whole global batch is chosen by (seed, data_pos); each rank takes its contiguous slice
-    rows = load_rows(config, split)
+    try:
+        rows = load_rows(config, split)
+    except ValueError as e:
+        raise SystemExit(f"data error: {e}") from None
     if mode == 'sft':
         examples, dropped = tokenize_sft(rows, tok, prompt_template, system_prompt, eos_id, max_seq_len)
         log(f"data: {len(examples)} sft examples from {dataset} ({dropped} dropped: longer than max_seq_len {max_seq_len})")
@@ -1208,6 +1245,9 @@ if __name__ == "__main__":
         with open(metrics_path + '.tmp', 'w') as f:
             f.writelines(json.dumps(m) + '\n' for m in old if m['step'] <= step)
         os.replace(metrics_path + '.tmp', metrics_path)
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     # preemption: SIGTERM or SIGINT asks for a checkpoint after the current step; all ranks agree on when
     signals = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1265,6 +1305,8 @@ if __name__ == "__main__":
         if master:
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(m) + '\n')
+            if wandb_log:
+                wandb.log(m, step=step)
             if step % log_interval == 0 or step == max_iters or m.get('skipped'):
                 extra = (f" | skipped: {m['skip_reason']}" if m.get('skipped') else '') + ('' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
                                                    f"len {m['len_mean']:.0f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"

@@ -135,10 +135,11 @@ def test_pass_at_k_matches_binomial_formula(n, c, k):
 
 def test_summarize_hand_values():
     """3 problems x 4 samples, flags chosen so every number is worked out by hand."""
-    def g(correct, length, truncated=False, answer='1'):
-        return {'completion': '', 'answer': answer, 'correct': correct, 'length': length, 'truncated': truncated}
-    rows = [{'greedy': g(True, 10), 'samples': [g(True, 1), g(False, 1), g(False, 1), g(False, 1)]},
-            {'greedy': g(False, 30, truncated=True, answer=None), 'samples': [g(False, 1)] * 4},
+    def g(correct, length, truncated=False, answer='1', flex=None):
+        return {'completion': '', 'answer': answer, 'correct': correct, 'length': length, 'truncated': truncated,
+                'flex_correct': correct if flex is None else flex}
+    rows = [{'greedy': g(True, 10), 'samples': [g(True, 1), g(False, 1, flex=True), g(False, 1), g(False, 1)]},
+            {'greedy': g(False, 30, truncated=True, answer=None, flex=True), 'samples': [g(False, 1)] * 4},
             {'greedy': g(False, 20), 'samples': [g(True, 1)] * 3 + [g(False, 1)]}]
     s = ev.summarize(rows, [1, 4], temperature=0.7)
     assert s['n'] == 3 and s['n_samples'] == 4
@@ -149,6 +150,13 @@ def test_summarize_hand_values():
     assert s['gap'] == pytest.approx(2 / 3 - 1 / 3)  # max k <= n is 4
     assert s['truncation_rate'] == pytest.approx(1 / 3) and s['format_failure_rate'] == pytest.approx(1 / 3)
     assert s['len_correct_mean'] == 10 and s['len_incorrect_mean'] == 25 and s['len_mean'] == 20
+    # flexible: problem 2's greedy and one more sample of problem 1 count
+    assert s['flex_pass@1_greedy'] == pytest.approx(2 / 3)
+    assert s['flex_pass@1_sampled'] == pytest.approx((2 / 4 + 0 + 3 / 4) / 3)
+    assert s['flex_pass@2'] == pytest.approx((5 / 6 + 0 + 1) / 3)  # c=2: 1 - C(2,2)/C(4,2) = 5/6
+    table = ev.table({'x': s})
+    assert '| pass@1 (greedy) | 33.3% |' in table and '| pass@1 (greedy), flexible | 66.7% |' in table
+    assert '| pass@4, flexible | 66.7% |' in table
 
 
 # -----------------------------------------------------------------------------
@@ -168,6 +176,8 @@ def check_rows(rows, problems, n_samples, max_new_tokens):
             assert not s['truncated'] or s['length'] == max_new_tokens
             assert s['answer'] == rewards.extract_answer(s['completion'])
             assert s['correct'] == rewards.is_correct(s['answer'], r['gold'])
+            assert s['flex_answer'] == rewards.extract_flexible(s['completion'])
+            assert s['flex_correct'] == rewards.is_correct(s['flex_answer'], r['gold']) >= s['correct']
 
 
 def check_summary(s, rows, k):
@@ -182,6 +192,9 @@ def check_summary(s, rows, k):
     assert s['truncation_rate'] == pytest.approx(sum(g['truncated'] for g in greedy) / len(rows))
     assert s['format_failure_rate'] == pytest.approx(sum(g['answer'] is None for g in greedy) / len(rows))
     assert s['len_mean'] == pytest.approx(sum(g['length'] for g in greedy) / len(rows))
+    fs = [sum(x['flex_correct'] for x in r['samples']) for r in rows]
+    assert s['flex_pass@1_greedy'] == pytest.approx(sum(g['flex_correct'] for g in greedy) / len(rows))
+    assert s[f'flex_pass@{k}'] == pytest.approx(sum(1 - math.comb(n - c, k) / math.comb(n, k) for c in fs) / len(rows))
 
 
 def test_eval_gsm8k_jsonl(gsm8k_run, gsm8k_file):
@@ -295,13 +308,17 @@ def test_error_missing_ckpt_dir(tmp_path):
     assert p.stderr.strip().splitlines()[-1] == f"--ckpt '{tmp_path / 'nope'}': no such directory"
 
 
-@pytest.mark.parametrize('case', ['empty_dir', 'unknown_dataset', 'row_without_answer', 'row_without_question'])
+@pytest.mark.parametrize('case', ['empty_dir', 'unknown_dataset', 'row_without_answer', 'row_without_question',
+                                  'number_not_string', 'empty_file', 'missing_model_dir', 'missing_data_file'])
 def test_error_is_one_line(sft, tmp_path, capsys, case):
     """in-process: a SystemExit whose message is one line is what Python prints without a traceback."""
     data = tmp_path / 'bad.jsonl'
     data.write_text(json.dumps({'question': '1 + 1 = ?', 'answer': '#### 2'}) + '\n' +
                     json.dumps({'question': '2 + 2 = ?', 'answer': '#### 4'}) + '\n' +
                     json.dumps({'question': '3 + 3 = ?', 'solution': '#### 6'}) + '\n')
+    num, empty = tmp_path / 'num.jsonl', tmp_path / 'empty.jsonl'
+    num.write_text(json.dumps({'question': '1 + 1 = ?', 'answer': 18}) + '\n')
+    empty.write_text('\n')
     argv, want = {
         'empty_dir': (['--ckpt', str(tmp_path)], ['not a reasoning-engine checkpoint', 'train_state.json']),
         'unknown_dataset': (['--ckpt', sft, '--dataset', 'gsm9k'], ['--dataset', "invalid choice: 'gsm9k'"]),
@@ -309,6 +326,12 @@ def test_error_is_one_line(sft, tmp_path, capsys, case):
                                ['row 2', "'answer'", 'missing']),
         'row_without_question': (['--ckpt', sft, '--data', str(data), '--question_field', 'problem',
                                   '--out', str(tmp_path / 'o')], ['row 0', "'problem'", 'missing']),
+        'number_not_string': (['--ckpt', sft, '--data', str(num), '--out', str(tmp_path / 'o')],
+                              ['row 0', "'answer'", 'is 18, expected a non-empty string']),
+        'empty_file': (['--ckpt', sft, '--data', str(empty), '--out', str(tmp_path / 'o')], [str(empty), 'no problems']),
+        'missing_model_dir': (['--model', str(tmp_path / 'no' / 'model')], [repr(str(tmp_path / 'no' / 'model')),
+                                                                             'no such directory']),
+        'missing_data_file': (['--ckpt', sft, '--data', str(tmp_path / 'x.jsonl')], ['x.jsonl', 'no such file']),
     }[case]
     with pytest.raises(SystemExit) as e:
         ev.main(argv)

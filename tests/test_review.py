@@ -82,8 +82,8 @@ def test_bf16_moment_resume_equals_uninterrupted(tmp_path):
 
 
 def rows(n_samples, correct_per_problem):
-    return [{'greedy': {'correct': c > 0, 'truncated': False, 'answer': '1', 'length': 5},
-             'samples': [{'correct': i < c} for i in range(n_samples)]} for c in correct_per_problem]
+    return [{'greedy': {'correct': c > 0, 'flex_correct': c > 0, 'truncated': False, 'answer': '1', 'length': 5},
+             'samples': [{'correct': i < c, 'flex_correct': i < c} for i in range(n_samples)]} for c in correct_per_problem]
 
 
 @pytest.mark.parametrize('n, ks, gap_k', [(4, [1, 8], 4), (8, [16], 8), (8, [1, 2, 16], 2), (1, [1, 8], 1)])

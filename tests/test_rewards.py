@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rewards import extract_answer, gsm8k_gold, is_correct, overlong_penalty, reward, truncation_penalty
+from rewards import extract_answer, extract_flexible, gsm8k_gold, is_correct, overlong_penalty, reward, truncation_penalty
 
 
 def timed(fn, *args, **kwargs):
@@ -39,6 +39,18 @@ EXTRACT = [
 @pytest.mark.parametrize('completion,expected', EXTRACT)
 def test_extract_answer(completion, expected):
     assert extract_answer(completion) == expected
+
+
+FLEXIBLE = [  # lm-evaluation-harness's flexible extract: the tag, else the last \\boxed{}, else the last number
+    ('<think>2+2</think><answer>4</answer> 7', '4'), ('so 3 and then 4.', '4'), ('\\boxed{\\frac12} then 9', '\\frac12'),
+    ('It costs $1,234, ok', '1,234'), ('a loss of -5', '-5'), ('no numbers', None), ('\\boxed{}', None),
+    ('<think>7</think><answer>', '7'),
+]
+
+
+@pytest.mark.parametrize('completion,expected', FLEXIBLE)
+def test_extract_flexible(completion, expected):
+    assert extract_flexible(completion) == expected
 
 
 VEC = '\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}'  # MATH500 golds
@@ -118,7 +130,19 @@ CORRECT = [
     # boxed, wrappers, junk
     ('\\boxed{\\frac{14}{3}}', '\\frac{14}{3}', True), ('so \\boxed{5} then \\boxed{6}', '6', True),
     ('$\\displaystyle \\frac{3}{56}$', '\\frac{3}{56}', True), (None, '5', False), ('', '5', False),
-    ('five', '5', False), ('The answer is 5', '5', False), ('10^{10^{10}}', '1', False),
+    ('five', '5', False), ('10^{10^{10}}', '1', False),
+    # how models write answers (issue 14): a sentence around one number, bold, an equation chain that ends in
+    # the value, a parenthetical, degrees, e-notation, brace-less latex, a unicode root
+    ('The answer is 5', '5', True), ('She makes $18 every day.', '18', True), ('The total is 1,234 dollars.', '1234', True),
+    ('**18**', '18', True), ('The answer is **18**.', '18', True), ('5 * 3 + 3 = 18', '18', True),
+    ('x = 15 + 3 = 18', '18', True), ('Total = $18', '18', True), ('18 (9 + 9)', '18', True),
+    ('18 (dollars)', '18', True), ('90\u00b0', '90', True), ('90 \u00b0', '90', True), ('1.8e1', '18', True),
+    ('2E3', '2000', True), ('1.5e-3', '0.0015', True), ('1.5e-3', '0.015', False), ('3\\sqrt13', '3\\sqrt{13}', True),
+    ('3\u221a13', '3\\sqrt{13}', True), ('\u221a2/2', '\\frac{\\sqrt2}{2}', True), ('3\\sqrt13', '39', False),
+    # ... but never a hedge, a wrong chain, or a sentence that echoes the question's numbers
+    ('She has 17 or 18 apples', '18', False), ('18 (or 17)', '18', False), ('3 + 4 = 8', '8', False),
+    ('x = 17 = 18', '18', False), ('x + 1 = 5', '5', False), ('Janet has 16 eggs and eats 3', '13', False),
+    ('16 - 3 = 13 eggs, so 26', '26', False), ('**17** or **18**', '18', False), ('e5', '5', False),
 ]
 
 

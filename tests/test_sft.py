@@ -159,8 +159,10 @@ def test_arith_trace_frac_skips_that_share_of_traces():
 
 @pytest.mark.parametrize('bad,field,needle', [
     ({'answer': 'x #### 1'}, 'question', 'missing'),
-    ({'question': 'q', 'answer': '   '}, 'answer', 'missing'),
-    ({'question': 'q', 'answer': 'no final answer here'}, 'answer', '####'),
+    ({'question': 'q', 'answer': '   '}, 'answer', 'empty'),
+    ({'question': 'q', 'answer': 'no final answer here'}, 'answer', 'sft needs a worked solution'),
+    ({'question': 'q', 'answer': 18}, 'answer', 'int 18, expected a non-empty string'),
+    ({'question': ['q'], 'answer': 'x #### 1'}, 'question', "list ['q'], expected a non-empty string"),
 ])
 def test_gsm8k_malformed_row_names_index_and_field(bad, field, needle):
     with pytest.raises(ValueError) as e:
@@ -173,9 +175,49 @@ def test_jsonl_with_reasoning_field(tmp_path):
     path = tmp_path / 'mine.jsonl'
     path.write_text(json.dumps({'q': 'one?', 'why': ' because ', 'a': ' 1 '}) + '\n\n'
                     + json.dumps({'q': 'two?', 'why': 'b', 'a': '2'}) + '\n')
-    cfg = dict(dataset=str(path), question_field='q', answer_field='a', reasoning_field='why')
+    cfg = dict(dataset=str(path), question_field='q', answer_field='a', reasoning_field='why', mode='sft')
     assert train.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': 'because', 'answer': '1'},
                                              {'question': 'two?', 'reasoning': 'b', 'answer': '2'}]
+
+
+@pytest.mark.parametrize('reasoning_field', ['', 'why'])
+def test_rl_rows_need_no_reasoning(tmp_path, reasoning_field):
+    """rl reads a question and a final answer (issue 14); sft on the same file asks for the reasoning by name."""
+    path = tmp_path / 'qa.jsonl'
+    path.write_text(json.dumps({'q': 'one?', 'a': ' 1 '}) + '\n' + json.dumps({'q': 'two?', 'a': 'x #### 2'}) + '\n')
+    cfg = dict(dataset=str(path), question_field='q', answer_field='a', reasoning_field=reasoning_field, mode='dapo')
+    second = ({'question': 'two?', 'reasoning': '', 'answer': 'x #### 2'} if reasoning_field else
+              {'question': 'two?', 'reasoning': 'x', 'answer': '2'})  # a gsm8k solution still gives its final answer
+    assert train.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': '', 'answer': '1'}, second]
+    with pytest.raises(ValueError, match="row 0: field 'why' is missing" if reasoning_field else
+                       "row 0: sft needs a worked solution, but field 'a' has no '####'"):
+        train.load_rows(dict(cfg, mode='sft'), 'train')
+
+
+@pytest.mark.parametrize('content,needle', [(None, "dataset = '{p}': no such file"), ('', "{p}: no rows"),
+                                            ('\n\n', "{p}: no rows")])
+def test_data_file_errors_name_the_path(tmp_path, content, needle):
+    path = tmp_path / 'data.jsonl'
+    if content is not None:
+        path.write_text(content)
+    cfg = dict(dataset=str(path), question_field='question', answer_field='answer', reasoning_field='', mode='grpo')
+    with pytest.raises(ValueError) as e:
+        train.load_rows(cfg, 'train')
+    assert needle.format(p=path) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize('args,want', [
+    (['--init_from=/no/such/model'], "init_from = '/no/such/model': no such directory"),
+    (['--init_from=nobody/no-such-model'], "init_from = 'nobody/no-such-model': no such local directory, and the "
+                                           "Hugging Face hub could not provide it (offline"),
+    (['--dataset=no/such.jsonl'], "data error: dataset = 'no/such.jsonl': no such file"),
+])
+def test_train_errors_are_one_plain_line(run_train, tmp_path, monkeypatch, args, want):
+    """a mistyped init_from path no longer ends in the hub's "Repo id must use alphanumeric chars" message"""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # no network at test time; the hub's answer must still be plain
+    p = run_train(['config/tiny.py', f'--out_dir={tmp_path}', '--max_iters=1'] + args, check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(want), \
+        p.stderr[-2000:]
 
 
 def test_real_gsm8k_file_converts(tmp_path):
@@ -187,7 +229,7 @@ def test_real_gsm8k_file_converts(tmp_path):
         head = [next(f) for _ in range(200)]
     path = tmp_path / 'gsm8k.jsonl'
     path.write_text(''.join(head))
-    cfg = dict(dataset=str(path), question_field='question', answer_field='answer', reasoning_field='')
+    cfg = dict(dataset=str(path), question_field='question', answer_field='answer', reasoning_field='', mode='sft')
     rows = train.load_rows(cfg, 'train')
     assert len(rows) == 200
     for i, r in enumerate(rows):

