@@ -33,6 +33,12 @@ with profile(activities=acts, record_shapes=True) as prof:
     runpy.run_path('train.py', run_name='__main__')
 prof.export_chrome_trace('profiles/trace.json')
 print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15))
+phases = ('forward', 'backward', 'optimizer_step', 'rollout_generation', 'reward_computation', 'advantage_computation',
+          'old_logprobs', 'policy_loss_backward', 'policy_update', 'async_next_rollout')
+print('time by phase (train.py phase(): the nvtx ranges, as profiler labels; phases nest, so they overlap;')
+print('  an overlapped rollout runs in a thread this cpu trace does not follow: nsys does):')
+for e in sorted((e for e in prof.key_averages() if e.key in phases), key=lambda e: -e.cpu_time_total):
+    print(f'  {e.key:24s} {e.count:4d} calls  {e.cpu_time_total / 1e3:9.1f} ms')
 print('trace: profiles/trace.json (chrome://tracing or ui.perfetto.dev)')
 PY
 fi

@@ -403,6 +403,14 @@ def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
     return 'bf16' if cuda and ddp else master_dtype
 
 
+@contextlib.contextmanager
+def phase(name: str):
+    """a named phase of the step: an nvtx range for nsight on gpus, and a torch.profiler label everywhere, so a cpu
+    trace of profile.sh lists time by phase too, not only by operator."""
+    with nvtx.annotate(name), torch.profiler.record_function(name):
+        yield
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -1075,7 +1083,7 @@ if __name__ == "__main__":
         """clip and step, unless the loss or the gradient norm is not finite: then no rank steps. the norm is global
         under fsdp2 and the loss all-reduced, so every rank sees the same values and decides alike, with no
         collective of its own."""
-        with nvtx.annotate('optimizer_step'):
+        with phase('optimizer_step'):
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
             m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
             bad = [k for k in ('loss', 'grad_norm') if k in m and not math.isfinite(float(m[k]))]  # host sync
@@ -1100,14 +1108,14 @@ if __name__ == "__main__":
             data_pos += n_gen
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rounds * 101 + rank)
             policy.eval()
-            with nvtx.annotate('rollout_generation'), gathered(policy), amp():
+            with phase('rollout_generation'), gathered(policy), amp():
                 out = generate(policy, [prompts[i] for i in idx], n_samples=group_size, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, eos_ids=eos_ids, stop_strings=stop_strings,
                                tok=tok, pad_id=pad_id, generator=gen, engine=engine)
             policy.train(policy is model)
             rounds += 1
             t1 = time.time()
-            with nvtx.annotate('reward_computation'):
+            with phase('reward_computation'):
                 lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()  # host sync
                 ids, lps = out['ids'].tolist(), out['logprobs'].tolist()  # host sync
                 comp = [ids[i][:n] for i, n in enumerate(lens)]
@@ -1163,7 +1171,8 @@ if __name__ == "__main__":
         seq_p = [g['prompt'] for g in groups for _ in g['comps']]
         seq_c = [c for g in groups for c in g['comps']]
         seq_lp = [lp for g in groups for lp in g['lps']]
-        adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
+        with phase('advantage_computation'):
+            adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
         micro = []
         for s in range(0, len(seq_c), micro_batch_size):
             ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
@@ -1172,7 +1181,7 @@ if __name__ == "__main__":
         n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
         n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
         norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
-        with torch.no_grad(), nvtx.annotate('old_logprobs'), amp():
+        with torch.no_grad(), phase('old_logprobs'), amp():
             for mb in micro:
                 if not overlap and num_iterations > 1:  # mu = 1 takes them from the update's own first forward
                     mb[4] = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
@@ -1187,7 +1196,7 @@ if __name__ == "__main__":
             for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
                 if ddp:
                     model.set_requires_gradient_sync(k == len(micro) - 1)
-                with nvtx.annotate('policy_loss_backward'), amp():
+                with phase('policy_loss_backward'), amp():
                     lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=it == 0,
                                         vocab=tok.n_vocab)
                     if it == 0:  # the entropy of the policy the batch is scored under, once per step
@@ -1225,7 +1234,7 @@ if __name__ == "__main__":
                 ev.record()  # after the refresh's copies on the main stream
 
             def background():
-                with nvtx.annotate('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                with phase('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     if cuda:
                         side.wait_event(ev)
                     out = rollout(step, data_pos, infer, bg_group)
@@ -1271,10 +1280,10 @@ if __name__ == "__main__":
                 if ddp:
                     model.set_requires_gradient_sync(k == len(micro) - 1)
                 ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
-                with nvtx.annotate('forward'), amp():
+                with phase('forward'), amp():
                     lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
                     loss = -(lp * mk).sum() / norm
-                with nvtx.annotate('backward'):
+                with phase('backward'):
                     (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
                 loss_sum += loss.detach()
             m['loss'] = all_sum(loss_sum)
@@ -1283,7 +1292,7 @@ if __name__ == "__main__":
         elif not overlap:
             groups, mr, data_pos = rollout(step, data_pos, model)
             m.update(mr)
-            with nvtx.annotate('policy_update'):
+            with phase('policy_update'):
                 update(groups, m)
         else:  # one step off-policy: these groups came from theta_{N-1}; step N+1's are generated from theta_N meanwhile
             if pending is None:  # the first step generates from its own weights, in the foreground
@@ -1294,7 +1303,7 @@ if __name__ == "__main__":
             m.update(mr, t_wait=time.time() - t_wait)  # the rollout time the update did not hide
             refresh(infer, model)  # theta_N: the one synchronised point of the step, on every rank alike
             pending = launch(step + 1, data_pos)  # the last step too: the final checkpoint stores it, for a resume
-            with nvtx.annotate('policy_update'):
+            with phase('policy_update'):
                 update(groups, m)
         # ---- end of the hot part ----
         step += 1

@@ -612,3 +612,21 @@ def test_two_rank_fsdp_gradient_equals_one_process(tmp_path):
         for k in names:
             torch.testing.assert_close(four_micro[k], single[k], rtol=1e-5, atol=1e-7, msg=f'{mode} 4 micro {k}')
             torch.testing.assert_close(two_rank[k], single[k], rtol=1e-5, atol=1e-7, msg=f'{mode} 2 ranks {k}')
+
+
+@pytest.mark.slow
+def test_every_phase_is_named_in_a_cpu_profile(sft_ckpt, tmp_path):
+    # the nvtx ranges are torch.profiler labels too (train.phase), so a cpu trace shows time by phase
+    script, args = tmp_path / 'prof.py', RL + ['--mode=grpo', f'--init_from={sft_ckpt}', f'--out_dir={tmp_path}']
+    script.write_text(
+        "import runpy, sys, torch\n"
+        "from torch.profiler import profile\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        f"sys.argv = ['train.py'] + {args!r}\n"
+        "with profile() as prof:\n"
+        "    runpy.run_path('train.py', run_name='__main__')\n"
+        "print(sorted({e.key for e in prof.key_averages()}))\n")
+    keys = run([str(script)]).stdout.strip().splitlines()[-1]
+    for name in ('rollout_generation', 'reward_computation', 'advantage_computation', 'old_logprobs',
+                 'policy_loss_backward', 'optimizer_step', 'policy_update'):
+        assert f"'{name}'" in keys, name
