@@ -519,7 +519,7 @@ def _chain_value(a: str) -> str:
     if _ASSIGN.fullmatch(sides[0] + '=') or _is_text(sides[0]):
         sides = sides[1:]
     trees = [_parse(x) for x in sides]
-    if len(sides) < 1 or any(t is None or t[1] for t in trees):
+    if any(t is None or t[1] for t in trees):
         return a
     last = trees[-1][0]
     return sides[-1] if all(_agree(t[0], last, frozenset(), (False, False)) for t in trees[:-1]) else a

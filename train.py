@@ -422,13 +422,6 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.state_dtype = state_dtype
 
-    def load_state_dict(self, state_dict: dict):
-        super().load_state_dict(state_dict)  # casts floating state to the parameter's dtype: fp32 moments
-        for st in self.state.values():  # back to state_dtype, or a resume costs +6.2 GB per gpu at 3B (bf16 -> fp32)
-            for k in ('m', 'v'):
-                if k in st:
-                    st[k] = st[k].to(self.state_dtype)
-
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -868,8 +861,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
-    finite = torch.tensor([float(all(local(p).isfinite().all() for p in model.parameters()))],
-                          device=local(next(model.parameters())).device)
+    finite = torch.stack([local(p).isfinite().all() for p in model.parameters()]).all().float()[None]
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():  # host sync; the non-finite guard makes this unreachable, and a checkpoint must never hold one
@@ -1117,7 +1109,8 @@ if __name__ == "__main__":
             t1 = time.time()
             with phase('reward_computation'):
                 lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()  # host sync
-                ids, lps = out['ids'].tolist(), out['logprobs'].tolist()  # host sync
+                ids = out['ids'].tolist()  # host sync
+                lps = out['logprobs'].tolist() if overlap else [[]] * len(ids)  # only an overlapped update reads them
                 comp = [ids[i][:n] for i, n in enumerate(lens)]
                 texts = [tok.decode([x for x in c if x not in eos_ids]) for c in comp]
                 golds = [rows[i]['answer'] for i in idx for _ in range(group_size)]
@@ -1328,10 +1321,11 @@ if __name__ == "__main__":
         if skips > max_skips:
             raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = {max_skips}); "
                              f"stopping. the last checkpoint, {out_dir}/ckpt, holds finite weights")
-        stop = torch.tensor([float(bool(signals))], device=device)
+        stop = bool(signals)
         if ddp:  # a signal may reach one rank only (or one first): the decision is collective, so none waits forever
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        stop = stop.item() > 0  # host sync
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0  # host sync
         if step % ckpt_interval == 0 or step == max_iters or stop:
             state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
                      'config': config}

@@ -48,13 +48,14 @@ def test_group_sums_live_on_the_collective_device():
 
 def adam_run(steps, resume_at=None):
     torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(8, 4))
+    model = torch.nn.Linear(4, 8, bias=False)
+    w = model.weight
     opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
     for s in range(steps):
         if s == resume_at:  # a new optimizer from the saved state, as --init_from=resume builds it
-            sd = opt.state_dict()
+            sd = train.full_optimizer_state(model, opt, keep=True)
             opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
-            opt.load_state_dict(sd)
+            train.load_optimizer_state(model, opt, sd)
         w.grad = torch.sin(w.detach() * (s + 1))
         opt.step()
     return w.detach(), opt
