@@ -416,32 +416,58 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class AdamW(torch.optim.Optimizer):
-    """adamw on (sharded) fp32 master weights with moments stored in state_dtype; the math runs in fp32."""
+    """adamw on (sharded) fp32 or bf16 master weights with moments stored in state_dtype; the math runs in fp32, in
+    foreach ops on chunks of at most `chunk` elements: at most 3 x chunk x 4 bytes of temporaries whatever the model."""
 
-    def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8):
+    def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8,
+                 chunk: int = 2 ** 25):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
-        self.state_dtype = state_dtype
+        self.state_dtype, self.chunk = state_dtype, chunk
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            b1, b2 = group['betas']
+            pieces, n = [], 0  # (w, g, m, v, step, decay): flat slices of consecutive parameters, at most chunk in all
             for p in group['params']:
                 if p.grad is None:
                     continue
-                w, g, st = local(p), local(p.grad).float(), self.state[p]
+                w, st = local(p), self.state[p]
                 if not st:
-                    st['step'] = 0
-                    st['m'] = torch.zeros_like(w, dtype=self.state_dtype)
-                    st['v'] = torch.zeros_like(w, dtype=self.state_dtype)
+                    st.update(step=0, m=torch.zeros_like(w, dtype=self.state_dtype),
+                              v=torch.zeros_like(w, dtype=self.state_dtype))
                 st['step'] += 1
-                m = st['m'].float().lerp_(g, 1 - b1)
-                v = st['v'].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                st['m'].copy_(m), st['v'].copy_(v)
-                update = (m / (1 - b1 ** st['step'])) / ((v / (1 - b2 ** st['step'])).sqrt_() + group['eps'])
-                if group['weight_decay'] and w.dim() >= 2:
-                    update.add_(w.float(), alpha=group['weight_decay'])
-                w.copy_(w.float() - group['lr'] * update)  # rounds once to the master dtype
+                flat = w.view(-1), local(p.grad).reshape(-1), st['m'].view(-1), st['v'].view(-1)
+                for i in range(0, w.numel(), self.chunk):
+                    if n + min(self.chunk, w.numel() - i) > self.chunk:
+                        self._update(pieces, group)
+                        pieces, n = [], 0
+                    pieces.append((*(t[i:i + self.chunk] for t in flat), st['step'], w.dim() >= 2))  # p's dim decides
+                    n += pieces[-1][0].numel()
+            if pieces:
+                self._update(pieces, group)
+
+    def _update(self, pieces, group):
+        (b1, b2), lr, wd, eps = group['betas'], group['lr'], group['weight_decay'], group['eps']
+        w, g, m, v, t, decay = zip(*pieces)
+        # .float() of fp32 is the tensor itself: fp32 moments update in place here, so later ops read m32, v32 only
+        # out of place, and the copy back copies them onto themselves
+        g32, m32, v32 = [x.float() for x in g], [x.float() for x in m], [x.float() for x in v]
+        torch._foreach_lerp_(m32, g32, 1 - b1)
+        torch._foreach_mul_(v32, b2)
+        torch._foreach_addcmul_(v32, g32, g32, value=1 - b2)
+        torch._foreach_copy_(m, m32), torch._foreach_copy_(v, v32)  # rounds bf16 moments; the update uses fp32 ones
+        del g32  # the dels keep at most 3 fp32 temporaries of the chunk alive
+        den = torch._foreach_div(v32, [1 - b2 ** s for s in t])  # per slice: steps differ after skipped grads
+        del v32
+        torch._foreach_sqrt_(den), torch._foreach_add_(den, eps)
+        upd = torch._foreach_div(m32, [1 - b1 ** s for s in t])
+        del m32
+        torch._foreach_div_(upd, den)
+        del den
+        if wd and (d := [i for i, dec in enumerate(decay) if dec]):
+            torch._foreach_add_([upd[i] for i in d], [w[i] for i in d], alpha=wd)
+        torch._foreach_mul_(upd, -lr)
+        torch._foreach_add_(w, upd)  # w - lr * update in fp32, rounded once to the master dtype
 
 
 def get_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
