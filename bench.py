@@ -1,9 +1,12 @@
-"""bench.py: rollout tokens/s against model.generate, and training-step throughput, MFU and peak memory.
+"""bench.py: rollout tokens/s against model.generate, training-step throughput, MFU and peak memory, time per rl
+phase, and a memory planner (will a config fit, and what would).
 
     python bench.py                                   # tiny scratch model on CPU
     python bench.py --preset qwen3b --device cuda     # random-weight Qwen2.5-3B-shaped model, real sizes
     python bench.py --ckpt out-demo/sft/ckpt --skip train   # trained demo model: rows stop at different lengths
     python bench.py --overlap config/demo_rl.py --init_from=out-demo/sft/ckpt --max_iters=12   # rl sequential vs overlapped
+    python bench.py --rl config/tiny.py --mode=dapo --max_iters=6    # ms per phase of an rl step: rollout ... optimizer
+    python bench.py --world 2 --gpu_gb 24 --memory config/dapo.py     # per-gpu memory plan of any config + overrides
 
 Every speed is printed next to a baseline measured in the same process (these machines are shared and noisy):
 our engine vs `model.generate` on the same model and prompts, each timed best of --repeats.
@@ -55,6 +58,183 @@ def bandwidth_share(tok_s: float, rows: int, ctx: float, weight_bytes: int, kv_b
     """share of peak_bw that tok_s uses: (weight bytes + rows x ctx x KV bytes) per step x steps/s / peak_bw.
     ctx: KV slots each row reads per step (the static engine attends over its whole window, prompt + new tokens)."""
     return (weight_bytes + rows * ctx * kv_bytes_per_token) * (tok_s / rows) / peak_bw
+
+
+# -----------------------------------------------------------------------------
+# memory planner: per-gpu bytes of everything train.py holds, phase by phase, from the shapes and the config alone
+
+GiB = 2 ** 30
+ALLOWANCE = (1.0 * GiB, 0.05)  # cuda context, cublas and nccl workspaces (outside max_memory_allocated) + 5% allocator slack
+
+
+def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
+    """(L, h, H, Hkv, D, ff, V embedding rows, n_tok tokenizer size, tied), and where it came from: a local HF dir's
+    config.json, the config's own dims for 'scratch', else the preset (qwen3b when init_from names Qwen2.5-3B)."""
+    src = cfg['init_from']
+    if os.path.isfile(os.path.join(src, 'config.json')) and not preset:
+        from transformers import AutoConfig
+        c = AutoConfig.from_pretrained(src)
+        s = dict(L=c.num_hidden_layers, h=c.hidden_size, H=c.num_attention_heads, Hkv=c.num_key_value_heads,
+                 D=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads, ff=c.intermediate_size,
+                 V=c.vocab_size, tied=c.tie_word_embeddings, bias=c.model_type == 'qwen2')
+        return dict(s, n_tok=s['V']), f"{src}/config.json"
+    if src == 'scratch' and not preset:
+        V = (train.Tokenizer.bytes_level().n_vocab + 63) // 64 * 64
+        return dict(L=cfg['n_layer'], h=cfg['n_embd'], H=cfg['n_head'], Hkv=cfg['n_kv_head'],
+                    D=cfg['n_embd'] // cfg['n_head'], ff=cfg['n_ff'], V=V, n_tok=V, tied=True, bias=True), 'scratch'
+    preset = preset or ('qwen3b' if 'qwen2.5-3b' in src.lower() or not os.path.exists(src) else '')
+    if preset not in PRESETS:
+        raise SystemExit(f"bench.py --memory: init_from = {src!r} has no config.json; pass --preset ({', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    return (dict(L=p['n_layer'], h=p['n_embd'], H=p['n_head'], Hkv=p['n_kv_head'], D=p['n_embd'] // p['n_head'],
+                 ff=p['n_ff'], V=p['vocab'] or 320, n_tok=p.get('n_tok') or p['vocab'] or 320, tied=True, bias=True),
+            f"preset {preset}" + ('' if os.path.exists(src) else f" ({src} not found)"))
+
+
+def layer_params(s: dict) -> int:
+    q, kv = s['H'] * s['D'], s['Hkv'] * s['D']
+    return s['h'] * (q + 2 * kv) + s['bias'] * (q + 2 * kv) + q * s['h'] + 3 * s['h'] * s['ff'] + 2 * s['h']
+
+
+def n_params(s: dict) -> int:
+    return s['V'] * s['h'] * (1 if s['tied'] else 2) + s['L'] * layer_params(s) + s['h']
+
+
+def act_bytes(s: dict, regime: str, a: int = 4) -> tuple[int, int, int]:
+    """bytes per token that autograd saves: (a decoder layer, a checkpointed layer's input, final norm + lm_head input).
+    hf qwen2/llama: rmsnorm keeps its fp32 input and normalised output, projections their input, sdpa q, k, v, out and
+    an fp32 logsumexp per head, the swiglu mlp 4 x ff. regime: 'plain' (no casts, a bytes each: cpu), 'autocast'
+    (one gpu: fp32 residual stream, bf16 matmul outputs), 'fsdp' (bf16 params: bf16 residual, norms upcast to fp32).
+    measured on cpu with saved_tensors_hooks (tests/test_memory.py), derived for the two gpu regimes."""
+    h, q, kv, H, ff = s['h'], s['H'] * s['D'], s['Hkv'] * s['D'], s['H'], s['ff']
+    if regime == 'plain':
+        return a * (6 * h + 2 * q + 2 * kv + H + 4 * ff + 2), a * h, a * (3 * h + 1)
+    norm = 10 * h if regime == 'autocast' else 8 * h  # fp32 input (a copy when bf16) + fp32 normalised + bf16 output
+    return 2 * norm + 4 * q + 4 * kv + 4 * H + 8 * ff + 8, (4 if regime == 'autocast' else 2) * h, norm
+
+
+def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool = True, prompt_len: int = 256,
+                opt: tuple | None = None) -> dict:
+    """per-gpu bytes of train.py running cfg on world ranks: the components, the peak of each phase, the bytes a card
+    needs for the largest (peak + ALLOWANCE), and the largest micro_batch_size and rollout batch that fit gpu_bytes.
+    opt: (fp32 temporaries per element, elements per chunk or None for whole parameters); default train.AdamW's."""
+    W, N, V, h, L, Lp = world, n_params(s), s['V'], s['h'], s['L'], layer_params(s)
+    mb, ob = train.DTYPES[cfg['master_dtype']].itemsize, train.DTYPES[cfg['optim_dtype']].itemsize
+    fsdp, rl = W > 1, cfg['mode'] != 'sft'
+    regime = ('fsdp' if fsdp else 'autocast') if cuda else 'plain'
+    cb = 2 if cuda else mb  # bytes of what is computed: gathered or cast weights, kv cache, logits
+    c = {'master weights': N * mb / W, 'gradients': N * mb / W, 'adam moments': 2 * N * ob / W,
+         'reference (grpo)': N * (2 if cuda and fsdp else mb) / W if cfg['mode'] == 'grpo' and cfg['beta'] > 0 else 0,
+         'inference copy (overlap)': N * cb if rl and cfg['overlap'] else 0}
+    temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
+    c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
+    # weights in compute precision: autocast caches a bf16 copy of every weight for the whole forward (and the lm_head's
+    # stays saved for backward); fsdp2 keeps the root (embedding = tied lm_head) gathered from forward to backward and
+    # ~2 layers at a time (current + prefetch), plus a layer's unsharded grads and their fp32 reduce-scatter input
+    emb = V * h * cb
+    cw_fwd = N * 2 if regime == 'autocast' else emb + 2 * Lp * cb if fsdp else 0
+    cw_bwd = emb + Lp * 2 if regime == 'autocast' else emb + 2 * Lp * cb + Lp * (cb + 4) if fsdp else 0
+    layer_b, resid_b, head_b = act_bytes(s, regime, mb)
+    resident = (c['master weights'] + c['adam moments'] + c['reference (grpo)'] + c['inference copy (overlap)'])
+    T = prompt_len + cfg['max_new_tokens'] if rl else cfg['max_seq_len']
+    n_logit = cfg['max_new_tokens'] + 1 if rl else T  # positions the lm_head computes (logits_to_keep)
+    n_seq = cfg['batch_size'] // W * (cfg['group_size'] if rl else 1)  # sequences per rank per optimizer step
+
+    def step(B: int, ckpt: bool) -> tuple[float, dict]:
+        """peak of an optimizer step of micro-batches of B sequences (gradients accumulate from the first backward)"""
+        ch, logits = min(cfg['logprob_chunk'], n_logit), B * n_logit * V * cb
+        u = {'activations (saved)': B * T * ((resid_b if ckpt else layer_b) * L + head_b), 'logits': logits}
+        # forward: the logits and one log-prob chunk's float(), / T, log_softmax (rl: the entropy's lp, exp, lp * exp)
+        u['forward transient'] = cw_fwd + logits + B * ch * V * 4 * (3 if rl else 2)
+        # backward, first the head: logits, their grad, a chunk's recompute and grad; then a layer at a time: its
+        # recomputed activations (checkpointing), the mlp's gradients (~ff a token), the residual stream's grads
+        u['backward transient'] = cw_bwd + max(2 * logits + 3 * B * ch * V * 4,
+                                               B * T * ((layer_b if ckpt else 0) + s['ff'] * cb + 2 * h * 4))
+        grads = c['gradients'] if n_seq > B else 0  # alive in a forward once an earlier micro-batch has run backward
+        peak = resident + u['activations (saved)'] + max(grads + u['forward transient'], c['gradients'] + u['backward transient'])
+        return max(peak, resident + c['gradients'] + c['optimizer step temporaries']), u
+
+    def rollout(n_prompts: int) -> tuple[float, dict]:
+        """peak of a generation round of n_prompts (global) x group_size rows; gradients are freed by then"""
+        b, S = n_prompts // W, prompt_len + cfg['max_new_tokens'] - 1
+        r = {'kv cache': L * 2 * s['Hkv'] * s['D'] * cb * (b * cfg['group_size'] * S + b * prompt_len),  # + prefill's
+             'decode logits': b * cfg['group_size'] * V * (cb + 4 * 4),  # logits, fp32 copy, / T, log_softmax, probs
+             'rollout weights': 0 if cfg['overlap'] else N * cb if cuda or fsdp else 0}  # gathered | autocast cache
+        return resident + sum(r.values()), r
+
+    need = lambda b: b * (1 + ALLOWANCE[1]) + ALLOWANCE[0]
+    peak, u = step(cfg['micro_batch_size'], cfg['activation_checkpointing'])
+    c.update(u)
+    p = {'rl update' if rl else 'sft step': peak}
+    if rl:
+        p['rollout'], r = rollout(cfg['batch_size'])
+        c.update(r)
+        if cfg['overlap']:  # the next rollout generates (from the copy) while this update trains
+            p['overlapped'] = peak + r['kv cache'] + r['decode logits']
+    out = {'components': c, 'peaks': p, 'peak': max(p.values()), 'n_params': N, 'regime': regime, 'T': T}
+    out['need'] = need(out['peak'])
+    out['fits'] = out['need'] <= gpu_bytes
+    out['max_micro'] = {ck: max([b for b in range(1, n_seq + 1) if need(step(b, ck)[0]) <= gpu_bytes]
+                                + [0]) for ck in (True, False)}
+    if rl:
+        def ok(n):  # the rollout alone, or overlapped with this update
+            ro, r = rollout(n)
+            return need(peak + r['kv cache'] + r['decode logits'] if cfg['overlap'] else ro) <= gpu_bytes
+        out['max_batch'] = max([n for n in range(W, 4097, W) if ok(n)] + [0])
+        out['rows'], out['window'] = cfg['batch_size'] // W * cfg['group_size'], prompt_len + cfg['max_new_tokens'] - 1
+    return out
+
+
+SEED_TABLE = {'master weights': 3, 'gradients': 3, 'adam moments': 12, 'state': 18}  # GB per gpu, seed, 2 x RTX 4090
+
+
+def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, prompt_len: int) -> str:
+    """bench.py --memory: the plan of a config (+ overrides) beside the seed's precision scheme and the seed's table"""
+    import configurator
+    cfg = {k: getattr(train, k) for k in train.config_keys}
+    with contextlib.redirect_stdout(io.StringIO()):  # its 'override:' lines
+        configurator.configure(cfg, argv)
+    s, src = model_shape(cfg, preset)
+    gpu, cuda = gpu_gb * GiB, cfg['device'].startswith('cuda')
+    plan = lambda c: plan_memory(c, world, s, gpu, cuda=cuda, prompt_len=prompt_len)
+    ours = plan(cfg)
+    seed = plan(dict(cfg, master_dtype='bf16', optim_dtype='fp32'))  # the seed's bf16 weights and grads, fp32 adam
+    g = lambda b: f"{b / GiB:7.2f}"
+    lines = [f"memory plan: {' '.join(argv)} | {src}: {ours['n_params'] / 1e9:.2f}B params | world {world} | "
+             f"{'cuda, ' + ours['regime'] if cuda else 'cpu'} | per gpu, GiB | card {gpu_gb:g} GiB",
+             f"{'':44}{'seed scheme':>12}{'this config':>12}   (seed: bf16 weights + fp32 adam; this: master "
+             f"{cfg['master_dtype']}, adam {cfg['optim_dtype']})"]
+    lines += [f"  {k:42}{g(seed['components'][k]):>12}{g(v):>12}" for k, v in ours['components'].items() if v]
+    lines.append("  peaks (transients do not coexist: a peak is not the sum of the rows above)")
+    lines += [f"  {k:42}{g(seed['peaks'][k]):>12}{g(v):>12}" for k, v in ours['peaks'].items()]
+    lines.append(f"  {'needs: peak x 1.05 + 1 GiB (context, allocator)':42}{g(seed['need']):>12}{g(ours['need']):>12}"
+                 f"   -> this config {'fits' if ours['fits'] else 'does NOT fit'} in {gpu_gb:g} GiB")
+    rl = cfg['mode'] != 'sft'
+    lines.append(f"  shapes: micro_batch_size {cfg['micro_batch_size']} x {ours['T']} tokens, activation checkpointing "
+                 f"{cfg['activation_checkpointing']}" + (f"; rollout {ours['rows']} rows x {ours['window']}-token window "
+                 f"(prompts assumed {prompt_len} tokens: --prompt_len)" if rl else ''))
+    n = lambda x: x or 'none'
+    lines.append(f"  largest micro_batch_size that fits: {n(ours['max_micro'][True])} with activation checkpointing, "
+                 f"{n(ours['max_micro'][False])} without" + (f"; largest batch_size (prompts x {cfg['group_size']}) "
+                 f"whose {'overlapped ' if cfg['overlap'] else ''}rollout fits: {n(ours['max_batch'])}" if rl else ''))
+    # the seed's table counts GB (1e9) at micro_batch 1: its rows from the plan of each scheme at micro_batch_size 1
+    gb = lambda b: f"{b / 1e9:.1f}"
+    rows = {}
+    for name, p in (('seed', plan(dict(cfg, master_dtype='bf16', optim_dtype='fp32', micro_batch_size=1))),
+                    ('ours', plan(dict(cfg, micro_batch_size=1)))):
+        c, state = p['components'], sum(p['components'][k] for k in ('master weights', 'gradients', 'adam moments'))
+        extra = c['reference (grpo)'] + c['inference copy (overlap)']
+        rollout = sum(c.get(k, 0) for k in ('kv cache', 'decode logits', 'rollout weights'))
+        rows[name] = [gb(c['master weights']), gb(c['gradients']), gb(c['adam moments']), gb(state),
+                      gb(max(p['peaks'][k] for k in p['peaks'] if k in ('sft step', 'rl update')) - state - extra),
+                      gb(p['need'] - p['peak'] + rollout), gb(p['need'])]
+    seed_rows = ['weights', 'gradients', 'adam moments', 'subtotal', 'activations (checkpointed, micro_batch 1)',
+                 'cuda overhead + rollout buffers', 'total']
+    lines.append(f"  the seed's 2 x RTX 4090 table, GB = 1e9 bytes   {'seed':>8}{'planner, seed scheme':>22}"
+                 f"{'planner, this config':>22}")
+    lines += [f"    {k:44}{v:>8}{a:>22}{b:>22}" for k, v, a, b in
+              zip(seed_rows, ['3', '3', '12', '18', '~2-3', '~2-3', '~22-24'], rows['seed'], rows['ours'])]
+    return '\n'.join(lines)
 
 
 def build(preset: str, device: str, ckpt: str = ''):
@@ -142,69 +322,102 @@ def bench_rollout(model, tok, args) -> dict:
     return r
 
 
+def model_flops(n_params: int, n_layer: int, hidden: int, seq_len: int) -> int:
+    """training flops per token: 6 per parameter (forward 2, backward 4) + causal attention's q k^T and p v, 2 x 2 x
+    hidden x (seq_len / 2 keys on average) per layer forward, x 3 with backward = 6 n_layer hidden seq_len (palm's
+    12 L h T counts every key)"""
+    return 6 * n_params + 6 * n_layer * hidden * seq_len
+
+
 def bench_train(model, tok, args) -> dict:
-    """one sft-style step (forward, backward, optimizer) at micro_batch x seq_len; tokens/s, mfu, breakdown."""
+    """train.py's step as a run does it: --accum micro-batches of micro_batch x seq_len (forward, backward), then one
+    optimizer step; on cuda fp32 master weights under bf16 autocast as on one gpu. mfu counts the model's flops
+    (6 N + attention, per token); hfu adds the forward that activation checkpointing recomputes."""
+    cuda = args.device.startswith('cuda')
     model.train()
-    if args.device.startswith('cuda'):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    if cuda:
         model.float()  # fp32 master weights under bf16 autocast, as train.py on one GPU
-    opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0,
-                      state_dtype=torch.bfloat16)
+    if args.ckpt_layers:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.bfloat16)
     B, T = args.micro_batch, args.seq_len
     ids = torch.randint(0, min(tok.n_vocab, 256), (B, T), device=args.device)
     attn = torch.ones_like(ids)
-    autocast = torch.autocast('cuda', torch.bfloat16) if args.device.startswith('cuda') else torch.autocast('cpu', enabled=False)
+    autocast = torch.autocast('cuda', torch.bfloat16) if cuda else torch.autocast('cpu', enabled=False)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = {}
 
     def step():
-        sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
         t0 = time.perf_counter()
-        with autocast:
-            loss = -train.token_logprobs(model, ids, attn, T - 1, 1.0, 256, vocab=tok.n_vocab).mean()
+        for _ in range(args.accum):
+            with autocast:
+                loss = -train.token_logprobs(model, ids, attn, T - 1, 1.0, 256, vocab=tok.n_vocab).mean()
+            loss.backward()
         sync()
         t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        times.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
+        times.update(micro_batches=t1 - t0, optimizer=time.perf_counter() - t1)
 
-    if args.device.startswith('cuda'):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     dt = timed(step, args.repeats, args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    flops = 6 * n_params * B * T + 12 * model.config.num_hidden_layers * model.config.hidden_size * B * T * T
-    if args.device.startswith('cuda'):
-        flops *= 4 / 3  # activation checkpointing recomputes the forward
-    out = {'train_tok_s': B * T / dt, 'step_ms': dt * 1000, **{f'{k}_ms': v * 1000 for k, v in times.items()}}
-    if args.device.startswith('cuda'):
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        out['mfu'] = flops / dt / peak if peak else float('nan')
+    n_params, c = sum(p.numel() for p in model.parameters()), model.config
+    tokens = args.accum * B * T
+    flops = model_flops(n_params, c.num_hidden_layers, c.hidden_size, T) * tokens
+    out = {'train_tok_s': tokens / dt, 'step_ms': dt * 1000, **{f'{k}_ms': v * 1000 for k, v in times.items()}}
+    name = torch.cuda.get_device_name() if cuda else args.card
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak:
+        out['mfu'] = flops / dt / peak
+        out['hfu'] = out['mfu'] * (4 / 3 if args.ckpt_layers else 1)  # the recomputed forward: a third more work
+    if cuda:
         out['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
     return out
 
 
+def run_steps(train_args: list[str]) -> list[dict]:
+    """train.py's own loop in this process (runpy) -> its metrics.jsonl rows but the first (warm-up: kernel choice,
+    allocator, an overlapped run's first rollout that nothing hides)"""
+    out, n_threads = tempfile.mkdtemp(prefix='bench-rl-'), torch.get_num_threads()
+    sys.argv = ['train.py'] + train_args + [f'--out_dir={out}', '--log_interval=100000', '--ckpt_interval=100000']
+    with contextlib.redirect_stdout(io.StringIO()):
+        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), 'train.py'), run_name='__main__')
+    torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        rows = [json.loads(line) for line in f][1:]
+    shutil.rmtree(out)
+    return rows
+
+
+RL_PHASES = {'rollout': ('t_rollout',), 'reward': ('t_reward',), 'advantages': ('t_adv',),
+             'log-probs (old, reference)': ('t_logprobs',), 'update (loss, backward)': ('t_update',),
+             'optimizer step': ('t_optim',)}
+
+
+def bench_rl(train_args: list[str]) -> dict:
+    """mean ms per phase of train.py's rl steps (metrics.jsonl: each phase waits for its own gpu work) and of the whole
+    step (means, so the phases add up to it); 'other' is what no phase covers (statistics' all-reduces, logging)"""
+    rows = [m for m in run_steps(train_args) if 't_update' in m]  # a dapo step without signal skips its update
+    mean = lambda f: statistics.fmean(map(f, rows)) if rows else float('nan')
+    r = {k: mean(lambda m: 1000 * sum(m[x] for x in keys)) for k, keys in RL_PHASES.items()}
+    r['step'] = mean(lambda m: m['time_ms'])
+    r['other'] = r['step'] - sum(r[k] for k in RL_PHASES)
+    return r | {'steps': len(rows)}
+
+
 def bench_overlap(train_args: list[str], repeats: int) -> dict:
-    """train.py's own rl loop, sequential then overlapped, alternating, in this process (runpy): per-phase medians
-    from metrics.jsonl over all steps but each run's first (warm-up; the overlapped first rollout is not hidden)."""
-    steps, n_threads = {False: [], True: []}, torch.get_num_threads()
+    """train.py's rl loop, sequential then overlapped, alternating, in this process: per-phase medians over all steps
+    but each run's first"""
+    steps = {False: [], True: []}
     for _ in range(repeats):
         for ov in (False, True):
-            out = tempfile.mkdtemp(prefix='bench-overlap-')
-            sys.argv = ['train.py'] + train_args + [f'--overlap={ov}', f'--out_dir={out}', '--log_interval=100000']
-            with contextlib.redirect_stdout(io.StringIO()):
-                runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), 'train.py'),
-                               run_name='__main__')
-            torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
-            with open(os.path.join(out, 'metrics.jsonl')) as f:
-                steps[ov] += [json.loads(line) for line in f][1:]
-            shutil.rmtree(out)
+            steps[ov] += run_steps(train_args + [f'--overlap={ov}'])
     med = lambda ov, f: statistics.median(f(m) for m in steps[ov]) / 1000 if steps[ov] else float('nan')
     t_roll = med(False, lambda m: 1000 * (m['t_rollout'] + m['t_reward']))
-    t_upd = med(False, lambda m: 1000 * (m.get('t_logprobs', 0) + m.get('t_update', 0)))
+    t_upd = med(False, lambda m: 1000 * (m.get('t_adv', 0) + m.get('t_logprobs', 0) + m.get('t_update', 0)
+                                         + m.get('t_optim', 0)))
     t_seq, t_ovl = med(False, lambda m: m['time_ms']), med(True, lambda m: m['time_ms'])
     cap = (t_roll + t_upd) / max(t_roll, t_upd)  # both phases fully hidden behind the longer one
     return {'rollout_s': t_roll, 'update_s': t_upd, 'seq_step_s': t_seq, 'overlap_step_s': t_ovl,
@@ -214,21 +427,38 @@ def bench_overlap(train_args: list[str], repeats: int) -> dict:
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
-    ap.add_argument('--preset', default='tiny', choices=list(PRESETS))
+    ap.add_argument('--preset', default=None, choices=list(PRESETS), help="default tiny (--memory: the config's model)")
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--ckpt', default='', help="a demo checkpoint: real prompts with early stops")
     ap.add_argument('--prompts', type=int, default=8)
     ap.add_argument('--group_size', type=int, default=8)
-    ap.add_argument('--prompt_len', type=int, default=64)
+    ap.add_argument('--prompt_len', type=int, default=None, help='default 64 (--memory: 256, for gsm8k r1 prompts)')
     ap.add_argument('--new_tokens', type=int, default=64)
     ap.add_argument('--micro_batch', type=int, default=4)
     ap.add_argument('--seq_len', type=int, default=256)
+    ap.add_argument('--accum', type=int, default=4, help="micro-batches per optimizer step (train bench)")
+    ap.add_argument('--ckpt_layers', type=int, default=1, help="1: activation checkpointing (train bench), 0: off")
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--skip', default='', help="'rollout' or 'train' to skip one part")
     ap.add_argument('--card', default='', help=f"bandwidth table entry when not on cuda: {', '.join(PEAK_BW)}")
+    ap.add_argument('--world', type=int, default=2, help="--memory: ranks (gpus) the run shards over")
+    ap.add_argument('--gpu_gb', type=float, default=24, help="--memory: memory of one card, GiB")
+    ap.add_argument('--memory', nargs=argparse.REMAINDER, default=None,
+                    help="train.py config and overrides (last on the line): the per-gpu memory plan")
+    ap.add_argument('--rl', nargs=argparse.REMAINDER, default=None,
+                    help="train.py arguments (last on the line): median time per phase of its rl steps")
     ap.add_argument('--overlap', nargs=argparse.REMAINDER, default=None,
                     help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
     args = ap.parse_args()
+    if args.memory is not None:
+        print(memory_report(args.memory, args.world, args.gpu_gb, args.preset or '', args.prompt_len or 256))
+        sys.exit()
+    if args.rl is not None:
+        r = bench_rl(args.rl)
+        print(f"rl step ({' '.join(args.rl)}), mean of {r['steps']} steps: {r['step']:.0f} ms")
+        for k in list(RL_PHASES) + ['other']:
+            print(f"  {k:28s}{r[k]:9.1f} ms  {100 * r[k] / r['step']:5.1f}%")
+        sys.exit()
     if args.overlap is not None:
         r = bench_overlap(args.overlap, args.repeats)
         print(f"rl step ({' '.join(args.overlap)}), median of {r['steps'][0]} + {r['steps'][1]} steps: "
@@ -237,6 +467,7 @@ if __name__ == '__main__':
               f"{r['overlap_wait_s'] * 1000:.0f} ms for the rollout) | speedup {r['speedup']:.2f}x | cap "
               f"{r['cap']:.2f}x | {100 * r['of_cap']:.0f}% of the cap")
         sys.exit()
+    args.preset, args.prompt_len = args.preset or 'tiny', args.prompt_len or 64
     model, tok = build(args.preset, args.device, args.ckpt)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'cpu x{torch.get_num_threads()} threads'
     print(f"bench: preset {args.preset} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {dev}")
@@ -249,7 +480,8 @@ if __name__ == '__main__':
                  if 'bw_share' in r else ''))
     if args.skip != 'train':
         r = bench_train(model, tok, args)
-        print(f"train step ({args.micro_batch} x {args.seq_len} tokens): {r['train_tok_s']:.0f} tok/s | "
-              f"{r['step_ms']:.0f} ms (forward {r['forward_ms']:.0f}, backward {r['backward_ms']:.0f}, "
-              f"optimizer {r['optimizer_ms']:.0f})" + (f" | mfu {100 * r['mfu']:.1f}% | peak {r['peak_mem_gb']:.1f} GiB"
-                                                      if 'mfu' in r else ''))
+        print(f"train step ({args.accum} micro-batches of {args.micro_batch} x {args.seq_len} tokens, then the optimizer; "
+              f"checkpointing {'on' if args.ckpt_layers else 'off'}): {r['train_tok_s']:.0f} tok/s | {r['step_ms']:.0f} ms "
+              f"(micro-batches {r['micro_batches_ms']:.0f}, optimizer {r['optimizer_ms']:.0f})"
+              + (f" | mfu {100 * r['mfu']:.1f}%, hfu {100 * r['hfu']:.1f}%" if 'mfu' in r else '')
+              + (f" | peak {r['peak_mem_gb']:.1f} GiB" if 'peak_mem_gb' in r else ''))

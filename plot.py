@@ -31,7 +31,7 @@ PANELS = [
     ('learning rate', 'sft', [('lr', ('lr',), 1)]),
     # lines, not stacked: an overlapped run's rollout runs under its update, so the phases do not add up
     ('step time (s)', 'any', [('rollout+reward', ('t_rollout', 't_reward'), 1), ('logprobs', ('t_logprobs',), 1),
-                              ('update', ('t_update',), 1), ('wait', ('t_wait',), 1), ('total', ('time_ms',), 1e-3)]),
+                              ('update', ('t_update', 't_optim'), 1), ('wait', ('t_wait',), 1), ('total', ('time_ms',), 1e-3)]),
 ]
 
 

@@ -417,10 +417,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 class AdamW(torch.optim.Optimizer):
     """adamw on (sharded) fp32 or bf16 master weights with moments stored in state_dtype; the math runs in fp32, in
-    foreach ops on chunks of at most `chunk` elements: at most 3 x chunk x 4 bytes of temporaries whatever the model."""
+    foreach ops on chunks of at most `chunk` elements: at most TEMPS x chunk x 4 bytes of temporaries whatever the model."""
+    CHUNK, TEMPS = 2 ** 25, 3  # elements per chunk; fp32 temporaries alive at once (bench.py's memory planner reads both)
 
     def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8,
-                 chunk: int = 2 ** 25):
+                 chunk: int = CHUNK):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.state_dtype, self.chunk = state_dtype, chunk
 
@@ -1077,6 +1078,10 @@ if __name__ == "__main__":
     log(f"mode {mode} | {n_params / 1e6:.2f}M params | world {world} | device {device} | master {master_dtype}"
         f" | adam {optim_dtype} | init {config['init_from']}" + (" | overlapped rollouts" if overlap else ''))
 
+    def sync():  # phase timings wait for this thread's gpu work (not the overlapped rollout's stream)
+        if cuda:
+            torch.cuda.current_stream().synchronize()
+
     def all_sum(x: torch.Tensor) -> torch.Tensor:
         if ddp:
             dist.all_reduce(x)
@@ -1110,6 +1115,7 @@ if __name__ == "__main__":
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        sync()
 
     # -----------------------------------------------------------------------------
     # rl step = rollout (prompts in, scored groups out) then update (groups in, optimizer step done)
@@ -1192,6 +1198,7 @@ if __name__ == "__main__":
         seq_lp = [lp for g in groups for lp in g['lps']]
         with phase('advantage_computation'):
             adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
+        m['t_adv'], t2 = time.time() - t2, time.time()
         micro = []
         for s in range(0, len(seq_c), micro_batch_size):
             ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
@@ -1206,6 +1213,7 @@ if __name__ == "__main__":
                     mb[4] = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
                 mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
                           if ref is not None else None)
+        sync()
         m['t_logprobs'] = time.time() - t2
         t3, ent_sum = time.time(), torch.zeros((), device=device)
         for it in range(num_iterations):
@@ -1233,8 +1241,10 @@ if __name__ == "__main__":
             m[key] = all_sum(v) / n_tok
         m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
         m['entropy'] = all_sum(ent_sum) / n_tok
+        sync()
+        m['t_update'], t4 = time.time() - t3, time.time()
         optimizer_step(m)
-        m['t_update'] = time.time() - t3
+        m['t_optim'] = time.time() - t4
 
     # overlap: the next step's rollout runs in a background thread (its own cuda stream and process group) on a
     # frozen inference copy, while this step's update runs here. the copy is refreshed at one point per step,

@@ -81,3 +81,20 @@ def test_overlap_stream_path_at_lr0(tmp_path, nproc):
     assert p.returncode == 0, p.stderr[-3000:]
     ms = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
     assert [m['step'] for m in ms] == [1, 2, 3] and all(m['log_ratio'] < 0.05 for m in ms), ms
+
+
+@pytest.mark.parametrize('mode', ['sft', 'dapo'])
+def test_memory_plan_matches_max_memory_allocated_at_3b(mode):
+    """bench.py's planner against torch.cuda.max_memory_allocated: a Qwen2.5-3B-shaped model on one gpu (fp32 master
+    weights under bf16 autocast, bf16 adam moments, checkpointing), two micro-batches then the optimizer step"""
+    import bench
+    from test_memory import cfg_of, measured_step, qwen3b
+    cfg = cfg_of(mode=mode, batch_size=4 if mode == 'sft' else 1, group_size=4, micro_batch_size=2, max_seq_len=1024,
+                 max_new_tokens=512, master_dtype='fp32', optim_dtype='bf16', activation_checkpointing=True, overlap=False)
+    got = measured_step(qwen3b(), cfg, 'cuda', prompt_len=256)
+    plan = bench.plan_memory(cfg, 1, qwen3b(), 141 * 2 ** 30, prompt_len=256)
+    want = plan['peaks']['rl update' if mode == 'dapo' else 'sft step']
+    with open(os.path.join(os.environ.get('OUT', '/tmp'), 'memory_check.txt'), 'a') as f:
+        f.write(f"{mode}: max_memory_allocated {got / 2 ** 30:.2f} GiB | planned {want / 2 ** 30:.2f} GiB | "
+                f"error {100 * (want / got - 1):+.1f}%\n")
+    assert abs(want / got - 1) < 0.15, (want / 2 ** 30, got / 2 ** 30)

@@ -18,13 +18,14 @@ RL = ['reward / accuracy', 'completion length (tokens)', 'entropy (nats/token)',
 
 
 def row(mode: str, step: int, overlap: bool = False, skipped: bool = False) -> dict:
-    """one line as train.py writes it for mode; a skipped dapo update has no t_logprobs, t_update, entropy."""
+    """one line as train.py writes it for mode; a skipped dapo update has no t_adv, t_logprobs, t_update, t_optim, entropy."""
     if mode == 'sft':
         return dict(step=step, loss=5.0 / step, tokens=1000, grad_norm=1.0, lr=1e-4 * step, time_ms=150.0 + step)
     m = dict(step=step, loss=-0.3, reward_mean=0.1 * step, reward_std=0.5, accuracy=0.1 * step, len_mean=20.0 + step,
              len_max=32.0, truncated_frac=0.0, zero_std_frac=0.05, entropy=0.2 - 0.01 * step, clip_low=0.001,
              clip_high=0.0, log_ratio=0.002 if overlap else 0.0, tokens=4000, grad_norm=0.5, lr=1e-5,
-             time_ms=800.0 + step, t_rollout=0.25, t_reward=0.01, t_logprobs=0.002, t_update=0.5)
+             time_ms=800.0 + step, t_rollout=0.25, t_reward=0.01, t_adv=0.0001, t_logprobs=0.002, t_update=0.4,
+             t_optim=0.1)
     if mode == 'grpo':
         m['kl'] = 0.001 * step
     if mode == 'dapo':
@@ -32,7 +33,7 @@ def row(mode: str, step: int, overlap: bool = False, skipped: bool = False) -> d
     if overlap:
         m['t_wait'] = 0.001
     if skipped:
-        for k in ('t_logprobs', 't_update', 'entropy'):
+        for k in ('t_adv', 't_logprobs', 't_update', 't_optim', 'entropy'):
             del m[k]
     return m
 
@@ -83,7 +84,7 @@ def test_series_sums_phases_scales_and_drops_rows_without_the_key():
     assert plot.series(rows, ('t_rollout', 't_reward')) == ([1, 2, 3], [pytest.approx(0.26)] * 3)
     assert plot.series(rows, ('time_ms',), 1e-3) == ([1, 2, 3], [pytest.approx(0.801), pytest.approx(0.802),
                                                                  pytest.approx(0.803)])
-    assert plot.series(rows, ('t_update',)) == ([1, 3], [0.5, 0.5])
+    assert plot.series(rows, ('t_update', 't_optim')) == ([1, 3], [pytest.approx(0.5)] * 2)
     assert plot.series(rows, ('kl',)) == ([], [])
 
 

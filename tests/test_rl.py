@@ -450,7 +450,7 @@ def sft_ckpt(tmp_path_factory):
 
 
 BASE_KEYS = ('loss', 'reward_mean', 'reward_std', 'clip_low', 'clip_high', 'entropy', 'zero_std_frac', 'len_mean',
-             'len_max', 'truncated_frac', 't_rollout', 't_reward', 't_logprobs', 't_update')
+             'len_max', 'truncated_frac', 't_rollout', 't_reward', 't_adv', 't_logprobs', 't_update', 't_optim')
 
 
 @pytest.mark.parametrize('mode', MODES)
