@@ -16,7 +16,7 @@ batch_size = 16  # prompts per step, x group_size = 128 completions
 group_size = 8
 max_new_tokens = 512
 temperature = 1.0
-micro_batch_size = 4
+micro_batch_size = 2  # bench.py --memory: dr_grpo and dapo fit 2 x 24 GB up to 3; grpo (its reference) needs ~25 GiB
 num_iterations = 1
 beta = 0.1
 eps_low = 0.2
