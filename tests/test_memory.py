@@ -1,6 +1,7 @@
 """bench.py's memory planner: against hand arithmetic, against what autograd saves, against the measured peak of a
 cpu training step and rollout (the profiler's allocator events), against the seed's 2 x RTX 4090 table and against the
 peak once measured on an H200."""
+import json
 import os
 import re
 import subprocess
@@ -228,3 +229,63 @@ def test_memory_cli_prints_the_plan(tmp_path):
     bad = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/dapo.py', '--micro_batch_sise=2'], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "micro_batch_sise" in bad.stderr and "micro_batch_size" in bad.stderr
+
+
+def test_plan_matches_the_measured_peaks_of_two_fsdp2_ranks(tmp_path):
+    """torchrun, 2 ranks, gloo, FSDP2 (fp32 on cpu): sharded states, the gathered layers of forward and backward, and a
+    rollout from the gathered weights; each rank's measured peak against plan_memory at world 2"""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'tests/test_memory.py', str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in range(2):
+        with open(tmp_path / f'rank{rank}.json') as f:
+            for what, (got, want) in json.load(f).items():
+                assert abs(want / got - 1) < 0.10, (rank, what, want, got)
+
+
+if __name__ == '__main__':  # the 2-rank measurement above, under torchrun
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group('gloo')
+    rank, W, res = dist.get_rank(), dist.get_world_size(), {}
+    mesh = init_device_mesh('cpu', (W,))
+    tok = train.Tokenizer.bytes_level()
+    tok.n_vocab = SHAPE['V']
+    for ckpt in (False, True):
+        cfg = cfg_of(mode='sft', micro_batch_size=8, batch_size=16 * W, max_seq_len=256, logprob_chunk=64,
+                     master_dtype='fp32', optim_dtype='bf16', activation_checkpointing=ckpt, overlap=False)
+        m = qwen(SHAPE).train()
+        if ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        m = train.shard(m, mesh, None)
+        opt = train.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.bfloat16)
+        ids = torch.randint(0, SHAPE['n_tok'], (8, 256))
+
+        def step():
+            for k in range(2):
+                m.set_requires_gradient_sync(k == 1)
+                (train.token_logprobs(m, ids, torch.ones_like(ids), 255, 1.0, 64, vocab=SHAPE['n_tok']).mean() * W).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()
+        resident = (sum(train.local(p).nbytes for p in m.parameters())
+                    + sum(t.nbytes for st in opt.state.values() for t in (st['m'], st['v'])))
+        res[f'step, checkpointing {ckpt}'] = (resident + peak_bytes(step, 'cpu'),
+                                              bench.plan_memory(cfg, W, SHAPE, 2 ** 40, cuda=False)['peak'])
+        if ckpt:  # a rollout from the gathered weights, the step's moments resident
+            prompts = [torch.randint(0, 256, (32,)).tolist() for _ in range(4)]
+
+            def roll():
+                with train.gathered(m):
+                    train.generate(m, prompts, n_samples=8, max_new_tokens=96, temperature=1.0, top_p=1.0, eos_ids=[],
+                                   stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(rank))
+            m.eval()
+            roll()
+            rc = dict(cfg, mode='dr_grpo', batch_size=4 * W, group_size=8, max_new_tokens=96)
+            res['rollout'] = (resident + peak_bytes(roll, 'cpu'),
+                              bench.plan_memory(rc, W, SHAPE, 2 ** 40, cuda=False, prompt_len=32)['peaks']['rollout'])
+    with open(os.path.join(sys.argv[1], f'rank{rank}.json'), 'w') as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
