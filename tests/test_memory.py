@@ -111,6 +111,25 @@ def test_tiny_model_by_hand():
     assert one['components']['reference (grpo)'] == 143936 * 4  # one gpu: stored as the fp32 policy computes
 
 
+@pytest.mark.parametrize('arch', ['qwen2', 'llama'])
+def test_shape_from_a_checkpoint_dir_counts_its_parameters(arch, tmp_path):
+    """init_from = a local HF dir: the shape comes from its config.json (qwen2: q/k/v biases, tied; llama: none, untied)"""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    kw = dict(vocab_size=300, hidden_size=48, intermediate_size=100, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2)
+    mc = Qwen2Config(**kw, tie_word_embeddings=True) if arch == 'qwen2' else LlamaConfig(**kw, tie_word_embeddings=False)
+    mc.save_pretrained(tmp_path)
+    s, src = bench.model_shape(cfg_of(init_from=str(tmp_path)))
+    assert src.endswith('config.json') and (s['tied'], s['bias']) == ((True, True) if arch == 'qwen2' else (False, False))
+    assert bench.n_params(s) == sum(p.numel() for p in AutoModelForCausalLM.from_config(mc).parameters())
+
+
+def test_shape_of_an_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"init_from = .* has no config.json; pass --preset"):
+        bench.model_shape(cfg_of(init_from=str(tmp_path)))  # a directory, but no config.json in it
+    assert bench.model_shape(cfg_of(init_from=str(tmp_path / 'out-sft' / 'ckpt')))[1].startswith('preset qwen3b')
+
+
 @pytest.mark.parametrize('shape', [SHAPE, dict(SHAPE, H=8, D=8, Hkv=4, ff=384, h=96)])
 def test_saved_activations_are_what_autograd_saves(shape):
     """cpu fp32 ('plain'): the bytes a decoder layer saves for backward (saved_tensors_hooks, one count per storage),
