@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# gpu_check.sh: everything worth a lent GPU in one call (about 8 minutes on one H100/H200), output in $OUT or ./gpu-out.
+# gpu_check.sh: everything worth a lent GPU in one call (8 minutes on one H200 before the memory and phase checks
+# were added; about 9 with them, an estimate; the most wanted checks run first), output in $OUT or ./gpu-out.
 #   1. tests/test_cuda.py: captured decode graphs vs the slow path (fp32, autocast), a capture while another thread
 #      trains, the overlapped stream path on the single-GPU and the FSDP2 (torchrun, nccl) paths, the memory
 #      planner against max_memory_allocated for a 3B sft step and rl update ($out/memory_check.txt)
 #   2. train.py on cuda: tiny sft, each rl mode for 3 steps on the single-GPU path (fp32 master + bf16 autocast),
 #      and every mode under torchrun with 1 rank (FSDP2 on nccl, bf16 MixedPrecisionPolicy, gathered rollouts),
-#      sequential and overlapped
+#      sequential, and dapo overlapped
 #   3. bench.py on a random-weight Qwen2.5-3B-shaped model at real sizes (qwen's 151,665-token vocabulary):
-#      train step (4 micro-batches then the optimizer) with and without checkpointing, mfu and hfu; rollout at 16 prompts x 8 samples x 512 new tokens, 128-token prompts, static engine vs
-#      the slow path vs model.generate, share of the bandwidth limit
+#      train step (4 micro-batches then the optimizer) with and without checkpointing, mfu and hfu; rollout at
+#      16 prompts x 8 samples x 512 new tokens, 128-token prompts, static engine vs the slow path vs
+#      model.generate, share of the bandwidth limit
 #   4. bench.py --rl: ms per phase of dapo steps of a scratch model at the Qwen2.5-3B shape
 #   5. bench.py --overlap: dr_grpo steps of a scratch model at the Qwen2.5-3B shape (byte vocabulary), sequential
 #      vs overlapped in one process, speedup against its cap
@@ -25,19 +27,20 @@ python train.py config/tiny.py --device=cuda --out_dir=/tmp/g-sft --max_iters=60
 for m in grpo dr_grpo dapo; do
   python train.py config/tiny.py --device=cuda --mode=$m --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-$m \
     --max_iters=3 --overlong=soft --overlong_buffer=40 2>&1 | tail -1 | tee -a "$out/train.txt"
-  for ov in False True; do  # every mode on nccl: grpo and dr_grpo once passed host tensors to a collective
+  for ov in False $([ $m = dapo ] && echo True); do  # every mode on nccl (grpo and dr_grpo once passed host tensors
+    # to a collective); overlapped once
     torchrun --standalone --nproc_per_node=1 train.py config/tiny.py --device=cuda --mode=$m --init_from=/tmp/g-sft/ckpt \
       --out_dir=/tmp/g-fsdp-$m-$ov --max_iters=3 --overlong=soft --overlong_buffer=40 --overlap=$ov 2>&1 | tail -1 \
       | tee -a "$out/train.txt"
   done
 done
 for ck in 1 0; do
-  python bench.py --preset qwen3b --device cuda --micro_batch 4 --seq_len 1024 --accum 4 --ckpt_layers $ck --repeats 2 \
+  python bench.py --preset qwen3b --device cuda --micro_batch 4 --seq_len 1024 --accum 4 --ckpt_layers $ck --repeats 1 \
     --skip rollout 2>&1 | tail -1 | tee -a "$out/bench.txt"
 done
 shape="--n_layer=36 --n_embd=2048 --n_head=16 --n_kv_head=2 --n_ff=11008"
 python bench.py --rl config/tiny.py --device=cuda --mode=dapo $shape --batch_size=16 --group_size=8 \
-  --max_new_tokens=256 --micro_batch_size=8 --learning_rate=1e-6 --min_lr=1e-6 --max_iters=4 2>&1 | tail -8 \
+  --max_new_tokens=128 --micro_batch_size=8 --learning_rate=1e-6 --min_lr=1e-6 --max_iters=3 2>&1 | tail -8 \
   | tee -a "$out/bench.txt"
 python bench.py --preset qwen3b --device cuda --prompts 16 --group_size 8 --new_tokens 512 --prompt_len 128 \
   --skip train --repeats 1 2>&1 | tail -1 | tee -a "$out/bench.txt"
