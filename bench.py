@@ -6,7 +6,7 @@ phase, and a memory planner (will a config fit, and what would).
     python bench.py --ckpt out-demo/sft/ckpt --skip train   # trained demo model: rows stop at different lengths
     python bench.py --overlap config/demo_rl.py --init_from=out-demo/sft/ckpt --max_iters=12   # rl sequential vs overlapped
     python bench.py --rl config/tiny.py --mode=dapo --max_iters=6    # ms per phase of an rl step: rollout ... optimizer
-    python bench.py --world 2 --gpu_gb 24 --memory config/dapo.py     # per-gpu memory plan of any config + overrides
+    python bench.py --memory config/dapo.py --world 2 --gpu_gb 24     # per-gpu memory plan of any config + overrides
 
 Every speed is printed next to a baseline measured in the same process (these machines are shared and noisy):
 our engine vs `model.generate` on the same model and prompts, each timed best of --repeats.
@@ -68,27 +68,31 @@ ALLOWANCE = (1.0 * GiB, 0.05)  # cuda context, cublas and nccl workspaces (outsi
 
 
 def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
-    """(L, h, H, Hkv, D, ff, V embedding rows, n_tok tokenizer size, tied), and where it came from: a local HF dir's
-    config.json, the config's own dims for 'scratch', else the preset (qwen3b when init_from names Qwen2.5-3B)."""
+    """(L, h, H, Hkv, D, ff, V embedding rows, n_tok tokenizer size, tied, bias), and where it came from: --preset, the
+    config's own dims for 'scratch', init_from's config.json (a local dir or a cached hub model), else Qwen2.5-3B, the
+    recipe's model, when init_from does not exist yet (the rl configs' out-sft/ckpt before sft has run)."""
+    from transformers import AutoConfig
     src = cfg['init_from']
-    if os.path.isfile(os.path.join(src, 'config.json')) and not preset:
-        from transformers import AutoConfig
-        c = AutoConfig.from_pretrained(src)
-        s = dict(L=c.num_hidden_layers, h=c.hidden_size, H=c.num_attention_heads, Hkv=c.num_key_value_heads,
-                 D=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads, ff=c.intermediate_size,
-                 V=c.vocab_size, tied=c.tie_word_embeddings, bias=c.model_type == 'qwen2')
-        return dict(s, n_tok=s['V']), f"{src}/config.json"
     if src == 'scratch' and not preset:
         V = (train.Tokenizer.bytes_level().n_vocab + 63) // 64 * 64
         return dict(L=cfg['n_layer'], h=cfg['n_embd'], H=cfg['n_head'], Hkv=cfg['n_kv_head'],
                     D=cfg['n_embd'] // cfg['n_head'], ff=cfg['n_ff'], V=V, n_tok=V, tied=True, bias=True), 'scratch'
+    try:
+        c = None if preset else AutoConfig.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError):
+        c = None
+    if c is not None:
+        s = dict(L=c.num_hidden_layers, h=c.hidden_size, H=c.num_attention_heads, Hkv=c.num_key_value_heads,
+                 D=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads, ff=c.intermediate_size,
+                 V=c.vocab_size, tied=c.tie_word_embeddings, bias=c.model_type == 'qwen2')
+        return dict(s, n_tok=s['V']), f"{src} config.json"
     preset = preset or ('qwen3b' if 'qwen2.5-3b' in src.lower() or not os.path.exists(src) else '')
     if preset not in PRESETS:
         raise SystemExit(f"bench.py --memory: init_from = {src!r} has no config.json; pass --preset ({', '.join(PRESETS)})")
     p = PRESETS[preset]
     return (dict(L=p['n_layer'], h=p['n_embd'], H=p['n_head'], Hkv=p['n_kv_head'], D=p['n_embd'] // p['n_head'],
                  ff=p['n_ff'], V=p['vocab'] or 320, n_tok=p.get('n_tok') or p['vocab'] or 320, tied=True, bias=True),
-            f"preset {preset}" + ('' if os.path.exists(src) else f" ({src} not found)"))
+            f"preset {preset}" + ('' if os.path.exists(src) else f" ({src} not found: the recipe's model)"))
 
 
 def layer_params(s: dict) -> int:
@@ -455,8 +459,12 @@ if __name__ == '__main__':
     ap.add_argument('--overlap', nargs=argparse.REMAINDER, default=None,
                     help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
     args = ap.parse_args()
-    if args.memory is not None:
-        print(memory_report(args.memory, args.world, args.gpu_gb, args.preset or '', args.prompt_len or 256))
+    if args.memory is not None:  # bench's own options may also follow the config: --memory config/dapo.py --world 2
+        mp = argparse.ArgumentParser(allow_abbrev=False)
+        for k, t in (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int)):
+            mp.add_argument(f'--{k}', type=t, default=getattr(args, k), choices=list(PRESETS) if k == 'preset' else None)
+        m, rest = mp.parse_known_args(args.memory)
+        print(memory_report(rest, m.world, m.gpu_gb, m.preset or '', m.prompt_len or 256))
         sys.exit()
     if args.rl is not None:
         r = bench_rl(args.rl)

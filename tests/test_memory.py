@@ -228,8 +228,9 @@ def test_largest_micro_batch_is_the_fit_boundary():
 
 
 def test_memory_cli_prints_the_plan(tmp_path):
-    p = subprocess.run([sys.executable, 'bench.py', '--world', '2', '--gpu_gb', '24', '--memory', 'config/dapo.py',
-                        '--micro_batch_size=2'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # bench's own options after the config, as the issue writes it, among train.py's overrides
+    p = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/dapo.py', '--world', '2', '--micro_batch_size=2',
+                        '--gpu_gb=24'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     cfg = cfg_of()
     import configurator
