@@ -64,7 +64,8 @@ def bandwidth_share(tok_s: float, rows: int, ctx: float, weight_bytes: int, kv_b
 # memory planner: per-gpu bytes of everything train.py holds, phase by phase, from the shapes and the config alone
 
 GiB = 2 ** 30
-ALLOWANCE = (1.0 * GiB, 0.05)  # cuda context, cublas and nccl workspaces (outside max_memory_allocated) + 5% allocator slack
+MAX_BATCH = 4096  # the rollout batch search stops here
+ALLOWANCE = (1.0 * GiB, 0.05)  # cuda context, cublas and nccl workspaces (outside max_memory_allocated); allocator slack
 
 
 def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
@@ -168,7 +169,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
              'rollout weights': 0 if cfg['overlap'] else N * cb if cuda or fsdp else 0}  # gathered | autocast cache
         return resident + sum(r.values()), r
 
-    need = lambda b: b * (1 + ALLOWANCE[1]) + ALLOWANCE[0]
+    need = lambda b: b * (1 + ALLOWANCE[1]) + ALLOWANCE[0] * cuda  # on cpu: no context, the slack alone
     peak, u = step(cfg['micro_batch_size'], cfg['activation_checkpointing'])
     c.update(u)
     p = {'rl update' if rl else 'sft step': peak}
@@ -186,7 +187,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
         def ok(n):  # the rollout alone, or overlapped with this update
             ro, r = rollout(n)
             return need(peak + r['kv cache'] + r['decode logits'] if cfg['overlap'] else ro) <= gpu_bytes
-        out['max_batch'] = max([n for n in range(W, 4097, W) if ok(n)] + [0])
+        out['max_batch'] = max([n for n in range(W, MAX_BATCH + 1, W) if ok(n)] + [0])
         out['rows'], out['window'] = cfg['batch_size'] // W * cfg['group_size'], prompt_len + cfg['max_new_tokens'] - 1
     return out
 
@@ -206,14 +207,16 @@ def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, promp
     ours = plan(cfg)
     seed = plan(dict(cfg, master_dtype='bf16', optim_dtype='fp32'))  # the seed's bf16 weights and grads, fp32 adam
     g = lambda b: f"{b / GiB:7.2f}"
-    lines = [f"memory plan: {' '.join(argv)} | {src}: {ours['n_params'] / 1e9:.2f}B params | world {world} | "
+    N = ours['n_params']
+    lines = [f"memory plan: {' '.join(argv)} | {src}: {f'{N / 1e9:.2f}B' if N >= 1e9 else f'{N / 1e6:.2f}M'} params | world {world} | "
              f"{'cuda, ' + ours['regime'] if cuda else 'cpu'} | per gpu, GiB | card {gpu_gb:g} GiB",
              f"{'':44}{'seed scheme':>12}{'this config':>12}   (seed: bf16 weights + fp32 adam; this: master "
              f"{cfg['master_dtype']}, adam {cfg['optim_dtype']})"]
     lines += [f"  {k:42}{g(seed['components'][k]):>12}{g(v):>12}" for k, v in ours['components'].items() if v]
     lines.append("  peaks (transients do not coexist: a peak is not the sum of the rows above)")
     lines += [f"  {k:42}{g(seed['peaks'][k]):>12}{g(v):>12}" for k, v in ours['peaks'].items()]
-    lines.append(f"  {'needs: peak x 1.05 + 1 GiB (context, allocator)':42}{g(seed['need']):>12}{g(ours['need']):>12}"
+    lines.append(f"  {'needs: peak x 1.05 + 1 GiB (context, allocator)' if cuda else 'needs: peak x 1.05 (allocator)':42}"
+                 f"{g(seed['need']):>12}{g(ours['need']):>12}"
                  f"   -> this config {'fits' if ours['fits'] else 'does NOT fit'} in {gpu_gb:g} GiB")
     rl = cfg['mode'] != 'sft'
     lines.append(f"  shapes: micro_batch_size {cfg['micro_batch_size']} x {ours['T']} tokens, activation checkpointing "
@@ -222,7 +225,8 @@ def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, promp
     n = lambda x: x or 'none'
     lines.append(f"  largest micro_batch_size that fits: {n(ours['max_micro'][True])} with activation checkpointing, "
                  f"{n(ours['max_micro'][False])} without" + (f"; largest batch_size (prompts x {cfg['group_size']}) "
-                 f"whose {'overlapped ' if cfg['overlap'] else ''}rollout fits: {n(ours['max_batch'])}" if rl else ''))
+                 f"whose {'overlapped ' if cfg['overlap'] else ''}rollout fits: {n(ours['max_batch'])}"
+                 f"{' (or more)' if ours['max_batch'] == MAX_BATCH else ''}" if rl else ''))
     # the seed's table counts GB (1e9) at micro_batch 1: its rows from the plan of each scheme at micro_batch_size 1
     gb = lambda b: f"{b / 1e9:.1f}"
     rows = {}
