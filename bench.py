@@ -144,6 +144,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     T = prompt_len + cfg['max_new_tokens'] if rl else cfg['max_seq_len']
     n_logit = cfg['max_new_tokens'] + 1 if rl else T  # positions the lm_head computes (logits_to_keep)
     n_seq = cfg['batch_size'] // W * (cfg['group_size'] if rl else 1)  # sequences per rank per optimizer step
+    S = prompt_len + cfg['max_new_tokens'] - 1  # a rollout row's kv window
 
     def step(B: int, ckpt: bool) -> tuple[float, dict]:
         """peak of an optimizer step of micro-batches of B sequences (gradients accumulate from the first backward)"""
@@ -163,7 +164,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
 
     def rollout(n_prompts: int) -> tuple[float, dict]:
         """peak of a generation round of n_prompts (global) x group_size rows; gradients are freed by then"""
-        b, S = n_prompts // W, prompt_len + cfg['max_new_tokens'] - 1
+        b = n_prompts // W
         r = {'kv cache': L * 2 * s['Hkv'] * s['D'] * cb * (b * cfg['group_size'] * S + b * prompt_len),  # + prefill's
              'decode logits': b * cfg['group_size'] * V * (cb + 4 * 4),  # logits, fp32 copy, / T, log_softmax, probs
              'rollout weights': 0 if cfg['overlap'] else N * cb if cuda or fsdp else 0}  # gathered | autocast cache
@@ -188,7 +189,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
             ro, r = rollout(n)
             return need(peak + r['kv cache'] + r['decode logits'] if cfg['overlap'] else ro) <= gpu_bytes
         out['max_batch'] = max([n for n in range(W, MAX_BATCH + 1, W) if ok(n)] + [0])
-        out['rows'], out['window'] = cfg['batch_size'] // W * cfg['group_size'], prompt_len + cfg['max_new_tokens'] - 1
+        out['rows'], out['window'] = n_seq, S
     return out
 
 

@@ -91,7 +91,7 @@ def test_memory_plan_matches_max_memory_allocated_at_3b(mode):
     from test_memory import cfg_of, measured_step, qwen3b
     cfg = cfg_of(mode=mode, batch_size=4 if mode == 'sft' else 1, group_size=4, micro_batch_size=2, max_seq_len=1024,
                  max_new_tokens=512, master_dtype='fp32', optim_dtype='bf16', activation_checkpointing=True, overlap=False)
-    got = measured_step(qwen3b(), cfg, 'cuda', prompt_len=256)
+    got = measured_step(qwen3b(), cfg, 'cuda', prompt_len=256)[2]
     plan = bench.plan_memory(cfg, 1, qwen3b(), 141 * 2 ** 30, prompt_len=256)
     want = plan['peaks']['rl update' if mode == 'dapo' else 'sft step']
     with open(os.path.join(os.environ.get('OUT', '/tmp'), 'memory_check.txt'), 'a') as f:

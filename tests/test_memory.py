@@ -53,32 +53,42 @@ def peak_bytes(fn, device: str) -> int:
     return peak
 
 
-def measured_step(s: dict, cfg: dict, device='cpu', prompt_len=32) -> int:
-    """train.py's step as a run does it (micro-batches of micro_batch_size, then one AdamW step), measured from the
-    second step on (the moments exist): resident weights + moments + the peak above them"""
-    rl, B = cfg['mode'] != 'sft', cfg['micro_batch_size']
+def resident_bytes(m, opt) -> int:
+    return (sum(train.local(p).nbytes for p in m.parameters())
+            + sum(t.nbytes for st in opt.state.values() for t in (st['m'], st['v'])))
+
+
+def measured_step(s: dict, cfg: dict, device='cpu', prompt_len=32, mesh=None) -> tuple:
+    """train.py's step as a run does it (micro-batches of micro_batch_size, then one AdamW step; FSDP2-sharded over
+    mesh when given), measured from the second step on (the moments exist) -> (model, optimizer, resident weights +
+    moments + the peak above them)"""
+    rl, B, W = cfg['mode'] != 'sft', cfg['micro_batch_size'], mesh.size() if mesh is not None else 1
     T = prompt_len + cfg['max_new_tokens'] if rl else cfg['max_seq_len']
-    n_tail, n_micro = (cfg['max_new_tokens'], cfg['batch_size'] * cfg['group_size'] // B) if rl else (T - 1, cfg['batch_size'] // B)
+    n_tail, n_micro = ((cfg['max_new_tokens'], cfg['batch_size'] // W * cfg['group_size'] // B) if rl
+                       else (T - 1, cfg['batch_size'] // W // B))
     m = qwen(s, device).to(train.DTYPES[cfg['master_dtype']]).train()
     if cfg['activation_checkpointing']:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    if mesh is not None:
+        m = train.shard(m, mesh, None)
     opt = train.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=train.DTYPES[cfg['optim_dtype']])
     ids = torch.randint(0, s['n_tok'], (B, T), device=device)
     attn = torch.ones_like(ids)
     amp = torch.autocast('cuda', torch.bfloat16) if device == 'cuda' else torch.autocast('cpu', enabled=False)
 
     def step():
-        for _ in range(n_micro):
+        for k in range(n_micro):
+            if mesh is not None:
+                m.set_requires_gradient_sync(k == n_micro - 1)
             with amp:
                 lp = train.token_logprobs(m, ids, attn, n_tail, 1.0, cfg['logprob_chunk'], entropy=rl, vocab=s['n_tok'])
-                loss = (lp[0] if rl else lp).mean()
+                loss = (lp[0] if rl else lp).mean() * W
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()
-    resident = sum(p.nbytes for p in m.parameters()) + sum(t.nbytes for st in opt.state.values() for t in (st['m'], st['v']))
-    return resident + peak_bytes(step, device)
+    return m, opt, resident_bytes(m, opt) + peak_bytes(step, device)
 
 
 def test_tiny_model_by_hand():
@@ -163,7 +173,7 @@ def test_plan_matches_the_measured_peak_of_a_cpu_step(mode, ckpt, B, T):
     cfg = cfg_of(mode=mode, micro_batch_size=B, batch_size=2 * B if mode == 'sft' else B // 2, group_size=4,
                  max_seq_len=T, max_new_tokens=T - 32, logprob_chunk=64, master_dtype='fp32', optim_dtype='bf16',
                  activation_checkpointing=ckpt, overlap=False)
-    got = measured_step(SHAPE, cfg, prompt_len=32)
+    got = measured_step(SHAPE, cfg, prompt_len=32)[2]
     want = bench.plan_memory(cfg, 1, SHAPE, 2 ** 40, cuda=False, prompt_len=32)['peak']
     assert abs(want / got - 1) < 0.10, (want, got)
 
@@ -276,36 +286,20 @@ if __name__ == '__main__':  # the 2-rank measurement above, under torchrun
     for ckpt in (False, True):
         cfg = cfg_of(mode='sft', micro_batch_size=8, batch_size=16 * W, max_seq_len=256, logprob_chunk=64,
                      master_dtype='fp32', optim_dtype='bf16', activation_checkpointing=ckpt, overlap=False)
-        m = qwen(SHAPE).train()
-        if ckpt:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-        m = train.shard(m, mesh, None)
-        opt = train.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.bfloat16)
-        ids = torch.randint(0, SHAPE['n_tok'], (8, 256))
+        m, opt, got = measured_step(SHAPE, cfg, mesh=mesh)
+        res[f'step, checkpointing {ckpt}'] = (got, bench.plan_memory(cfg, W, SHAPE, 2 ** 40, cuda=False)['peak'])
+    # a rollout from the gathered weights; the last step's moments stay resident
+    prompts = [torch.randint(0, 256, (32,)).tolist() for _ in range(4)]
 
-        def step():
-            for k in range(2):
-                m.set_requires_gradient_sync(k == 1)
-                (train.token_logprobs(m, ids, torch.ones_like(ids), 255, 1.0, 64, vocab=SHAPE['n_tok']).mean() * W).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        step()
-        resident = (sum(train.local(p).nbytes for p in m.parameters())
-                    + sum(t.nbytes for st in opt.state.values() for t in (st['m'], st['v'])))
-        res[f'step, checkpointing {ckpt}'] = (resident + peak_bytes(step, 'cpu'),
-                                              bench.plan_memory(cfg, W, SHAPE, 2 ** 40, cuda=False)['peak'])
-        if ckpt:  # a rollout from the gathered weights, the step's moments resident
-            prompts = [torch.randint(0, 256, (32,)).tolist() for _ in range(4)]
-
-            def roll():
-                with train.gathered(m):
-                    train.generate(m, prompts, n_samples=8, max_new_tokens=96, temperature=1.0, top_p=1.0, eos_ids=[],
-                                   stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(rank))
-            m.eval()
-            roll()
-            rc = dict(cfg, mode='dr_grpo', batch_size=4 * W, group_size=8, max_new_tokens=96)
-            res['rollout'] = (resident + peak_bytes(roll, 'cpu'),
-                              bench.plan_memory(rc, W, SHAPE, 2 ** 40, cuda=False, prompt_len=32)['peaks']['rollout'])
+    def roll():
+        with train.gathered(m):
+            train.generate(m, prompts, n_samples=8, max_new_tokens=96, temperature=1.0, top_p=1.0, eos_ids=[],
+                           stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(rank))
+    m.eval()
+    roll()
+    rc = dict(cfg, mode='dr_grpo', batch_size=4 * W, group_size=8, max_new_tokens=96)
+    res['rollout'] = (resident_bytes(m, opt) + peak_bytes(roll, 'cpu'),
+                      bench.plan_memory(rc, W, SHAPE, 2 ** 40, cuda=False, prompt_len=32)['peaks']['rollout'])
     with open(os.path.join(sys.argv[1], f'rank{rank}.json'), 'w') as f:
         json.dump(res, f)
     dist.destroy_process_group()
