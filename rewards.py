@@ -3,6 +3,14 @@ r"""Answer extraction and strict, bounded-time answer checking for R1-style RL r
     python -m pytest tests/test_rewards.py -q
     python -c "import rewards; print(rewards.is_correct('0.5', r'\frac12'), rewards.is_correct('17 or 18', '18'))"
 
+When the words around a number can change what it means, the answer is wrong. Only words that cannot change it
+are accepted, and only from fixed lists of what may surround it: framing before the value (`The answer is`, `so`,
+`Total =`, `she makes`: _FRAME), units after it (a listed unit such as cm, or a plain plural noun such as dollars or
+apples that is no number word such as thousands or thirds: _UNITS, _QUANTITY), `$`, `%`, bold, \boxed, a trailing
+period, and a final parenthetical that names a unit or restates the value (`18 (9 + 9)`). Any other word stays in
+the answer, which then fails to parse: `not 18`, `about 18`, `at least 18`, `18 thousand`, `half of 36`, `12 (wrong)`.
+Percent is a unit, so 18% and 18 percent are 18, as 20\% is 20 and never 0.2. Digits never join across a space (1 8).
+
 Equivalence is decided in this order: equal normalised strings; words as words (case-insensitive);
 base-n numerals by their digits; equations up to a non-zero constant factor; otherwise both sides are
 parsed by a small recursive-descent parser (never eval) and evaluated, exactly with Fraction while the
@@ -50,8 +58,8 @@ def extract_flexible(completion: str) -> str | None:
     number of the completion. eval.py reports it next to the strict score; the RL reward stays strict."""
     if (ans := extract_answer(completion)) is not None:
         return ans
-    if (box := _last_boxed(completion)) is not completion:
-        return box.strip() or None
+    if box := _last_box(completion):
+        return completion[box[1] + 1:box[2]].strip() or None
     nums = re.findall(r'-?\d[\d,]*(?:\.\d+)?', completion)
     return nums[-1].rstrip(',') if nums else None
 
@@ -109,7 +117,7 @@ _RULES = [(re.compile(p), r) for p, r in [
     (r'(?<=\d)(?:,\\!|\{,\}|\\,)\s*(?=\d{3}(?!\d))', ''),  # thousands: 10,\!080 (MATH), 10{,}080, 10\,080
     (r'\*\*(.+?)\*\*', r'\1'),  # markdown bold; a lone 2**3 stays a power
     (r'\\?[%$]', ''),  # 20\% is 20, never 0.2
-    (r'\\[,;:! ]|~', ' '),
+    (r'\\[,;:! ()\[\]]|~(?=[A-Za-z\\])', ' '),  # spacing, \( \[ delimiters, the tie in 18~cm; ~18 is about 18: kept
     (r'\\frac\s*(\d)\s*(\d)', r'\\frac{\1}{\2}'),  # \frac43, \frac 59: tex reads one digit per argument
     (r'\\frac\s*(\d)', r'\\frac{\1}'),  # \frac9{19}
     (r'\\frac\s*(\{[^{}]*\})\s*(\d)', r'\\frac\1{\2}'),  # \frac{270}7
@@ -118,32 +126,29 @@ _RULES = [(re.compile(p), r) for p, r in [
     (r'\s+', ' '),
 ]]
 _IN_SET = re.compile(r'[A-Za-z]\s*\\in(?![a-zA-Z])\s*')  # x \in [-2,7]
-_UNIT = re.compile(r'(?:\s|(?<=\d))([A-Za-z]{2,})(?:\^\{?\d\}?)?$')  # 18 dollars, 864 inches^2, 18cm
-_SHORT_UNITS = {'cm', 'mm', 'km', 'ft', 'in', 'yd', 'mi', 'kg', 'mg', 'lb', 'oz', 'ml', 'hr', 'am', 'pm'}
 _THOUSANDS = re.compile(r'[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?')  # 1,234,567 but not 1,23 or (6,31,-1)
-_PAREN = re.compile(r'([-+]?\d[\d,]*(?:\.\d+)?) +\((?![^()]*\bor\b)[^()]*\)')  # 18 (9 + 9), 18 (dollars); never 18 (or 17)
-_PROSE = re.compile(r'(?<![\\A-Za-z])[A-Za-z]{3,}')
-_NUMBER = re.compile(r'[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?')  # 1,234.5 and 3/4 are one number each
 _HEDGE = re.compile(r',?\s+(?:or|and)\s+|\s*;\s*')  # "17 or 18" becomes a list, which never matches one value
 
 
-def _last_boxed(s: str) -> str:
-    """Content of the last \\boxed{...} or \\fbox{...} with balanced braces, else s unchanged."""
+def _last_box(s: str) -> tuple[int, int, int] | None:
+    """Start, opening brace and closing brace of the last \\boxed{...} or \\fbox{...} with balanced braces, or None."""
     i = max(s.rfind('\\boxed'), s.rfind('\\fbox'))
     j = s.find('{', i)
     if i < 0 or j < 0 or s[i:j].strip() not in ('\\boxed', '\\fbox'):
-        return s
+        return None
     depth = 0
     for k in range(j, len(s)):
         depth += (s[k] == '{') - (s[k] == '}')
         if depth == 0:
-            return s[j + 1:k]
-    return s
+            return i, j, k
+    return None
 
 
 def _normalise(s: str) -> str:
-    """Boxed content without \\left, \\text, $, %, degrees, spacing, trailing units or thousands commas."""
-    s = _last_boxed(s.translate(_UNICODE))
+    """s with its last box opened, less \\left, \\text, $, %, degrees, spacing, framing, units and thousands commas."""
+    s = s.translate(_UNICODE)
+    if box := _last_box(s):  # the words around a box still count: not \boxed{18} is no 18
+        s = f'{s[:box[0]]} {s[box[1] + 1:box[2]]} {s[box[2] + 1:]}'
     if len(s) > 4 * MAX_MATH:  # nothing this long normalises to under MAX_MATH: leave it for is_correct to reject
         return s
     s = s.replace('\\\\', '\x01')  # \x01 keeps matrix rows apart
@@ -152,19 +157,69 @@ def _normalise(s: str) -> str:
     for pattern, repl in _RULES:
         s = pattern.sub(repl, s)
     s = s.strip().rstrip('.').strip()
-    s = s[m.end():] if (m := _IN_SET.match(s)) else s
-    s = m[1] if (m := _PAREN.fullmatch(s)) else s
-    for _ in range(4):  # 30 miles per hour
-        m = _UNIT.search(s)
-        word = m[1].lower() if m else ''
-        unit = m and (len(word) > 2 or word in _SHORT_UNITS) and word not in _NAMES and re.search(r'\d', s[:m.start()])
-        if not unit:  # 5 pi and 2ab keep their letters, and so does a bare word
-            break
-        s = s[:m.start()].rstrip()
-    words = [w for w in _PROSE.findall(s) if w.lower() not in _NAMES]
-    if words and '=' not in s and len(nums := _NUMBER.findall(s)) == 1:  # a sentence around one number is that
-        s = nums[0]  # number ("she makes 18 a day"); two numbers in prose are a hedge or an echo: left to fail
+    s = _unframe(s[m.end():] if (m := _IN_SET.match(s)) else s)
     return _HEDGE.sub(', ', s.replace(',', '') if _THOUSANDS.fullmatch(s) else s)
+
+# -----------------------------------------------------------------------------
+# framing: the only words an answer may put around its value; any other word stays, and the answer fails to parse
+
+_FRAME = set("""the a an answer final result total sum value amount number count cost price is are was were be will
+it this that so thus therefore hence then there which now still equals equal to comes makes made has have had needs
+needed gets got earns earned costs pays paid spends spent saves saved sells sold buys bought scored ran she he they we
+you her his their our my in all of altogether exactly correct""".split())
+_UNITS = set("""dollar cent buck euro pound yen rupee percent degree radian second sec secs min mins minute hour hr hrs
+day week month year inch in foot feet ft yard yd yds mile mi cm mm km meter metre kg kgs gram mg lb lbs oz ounce ton
+ml liter litre gallon cup pint quart mph unit piece pcs point people person child children man men woman women fish
+sheep deer mice geese am pm""".split())
+_TAIL = {'each', 'total', 'left', 'remaining', 'altogether', 'overall', 'apiece', 'all', 'exactly', 'old', 'long',
+         'tall', 'wide', 'deep'}
+_LINKS = {'per', 'a', 'an', 'of', 'every', 'square', 'cubic', 'sq'}  # 18 a day, 18 square feet: never last
+_QUANTITY = set("""zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen
+seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion
+trillion zillion dozen score gross grand lakh crore half third fourth quarter fifth eighth ninth twelfth time top odd
+perhaps always sometimes besides thereabouts""".split())  # and their plurals and fractions: 18 tens, 18 sixths, 18 tops
+_LEAD = re.compile(r'([A-Za-z]+)(?:\s*[:,=]\s*|\s+)(?=\S)')  # the answer is: 18, total = 18
+_TRAIL = re.compile(r'(?:\s|(?<=\d))([A-Za-z]+)(\^\{?\d\}?)?$')  # 18 dollars, 864 inches^2, 18cm
+
+
+def _is_unit(w: str) -> bool:
+    """A listed unit, or a plain plural noun (apples, pages) that is no number word (thousands, tenths, twenties)."""
+    plural = len(w) > 3 and w.endswith('s') and not w.endswith(('ss', 'us', 'is', 'wards'))  # less, minus, upwards
+    stems = {w, w[:-1], w[:-2], w[:-3], w[:-3] + 'y', w[:-3] + 'f', w[:-5] + 'y'}  # tops sixes tenths halves twentieths
+    return w in _UNITS or plural and not stems & _QUANTITY
+
+
+def _strip_units(s: str) -> str:
+    """s without the units and tail words after its last number: 18 dollars a day in total is 18."""
+    after = ''  # the word stripped before, which follows this one: 18 a is 18a, and square needs a unit after it
+    for _ in range(8):
+        m = _TRAIL.search(s)
+        w = m[1].lower() if m else ''
+        link = w in _LINKS and after and (w not in ('square', 'cubic', 'sq') or _is_unit(after))
+        if not (m and re.search(r'\d', s[:m.start()]) and (_is_unit(w) or not m[2] and (w in _TAIL or link))):
+            break
+        s, after = s[:m.start()].rstrip(), w
+    return s
+
+
+def _restates(a: str, b: str) -> bool:
+    """b is a formula for the same constant as a: 18 (9 + 9)."""
+    if len(b) > MAX_MATH or _depth(b)[0] > MAX_DEPTH:
+        return False
+    pa, pb = _parse(a), _parse(b)
+    return bool(pa and pb) and not (pa[1] or pb[1]) and _agree(pa[0], pb[0], frozenset(), ('.' in a, '.' in b))
+
+
+def _unframe(s: str) -> str:
+    """s without the framing words before its value and the units or restating parenthetical after it."""
+    while (m := _LEAD.match(s)) and m[1].lower() in _FRAME and (len(m[1]) > 1 or s[m.end()].isalpha()):
+        s = s[m.end():]  # "a" leads only into a word: a total of 18, but a 18 is 18a
+    k = s.rfind(' (')
+    if s.endswith(')') and k > 0 and not re.search(r'[()]', s[k + 2:-1]):  # 18 (dollars), 18 (9 + 9); 2 (x+1) stays
+        core, note = s[:k], s[k + 2:-1]
+        if _strip_units(f'{core} {note}') == _strip_units(core) or _restates(_strip_units(core), note):
+            s = core
+    return _strip_units(s)
 
 # -----------------------------------------------------------------------------
 # parser: tokens -> expression tree of tuples, e.g. ('+', ('num', Fraction(1)), ('var', 'x'))
@@ -512,11 +567,11 @@ def _is_text(s: str) -> bool:
 
 
 def _chain_value(a: str) -> str:
-    """The last side of an equation chain whose sides all agree, after an optional label (x =, total =), else a.
+    """The last side of an equation chain whose sides all agree, after an optional label (x =), else a.
 
     3 + 4 = 8 offers two values (7 and 8), and x + 1 = 5 says nothing about x: both stay as they are, and fail."""
     sides = [x.strip() for x in a.split('=')]
-    if _ASSIGN.fullmatch(sides[0] + '=') or _is_text(sides[0]):
+    if _ASSIGN.fullmatch(sides[0] + '='):
         sides = sides[1:]
     trees = [_parse(x) for x in sides]
     if any(t is None or t[1] for t in trees):
@@ -525,14 +580,19 @@ def _chain_value(a: str) -> str:
     return sides[-1] if all(_agree(t[0], last, frozenset(), (False, False)) for t in trees[:-1]) else a
 
 
+def _squash(s: str) -> str:
+    """s without spaces, except between two digits: 1 8 is no 18."""
+    return re.sub(r'(?<!\d) | (?!\d)', '', s)
+
+
 def _item_equal(a: str, g: str) -> bool:
     """One normalised answer element against one normalised gold element."""
-    if a.replace(' ', '') == g.replace(' ', ''):
+    if _squash(a) == _squash(g):
         return True
     if _is_text(a) or _is_text(g):  # words compare as words, never as products of one-letter variables
         return ' '.join(a.strip('()').lower().split()) == ' '.join(g.strip('()').lower().split())
-    if base := _BASE.fullmatch(g.replace(' ', '')):  # 52_8: accept 52 or 52_{8}, never the decimal value 42
-        digits, _, sub = a.replace(' ', '').partition('_')
+    if base := _BASE.fullmatch(_squash(g)):  # 52_8: accept 52 or 52_{8}, never the decimal value 42
+        digits, _, sub = _squash(a).partition('_')
         return digits.lower() == base[1].lower() and sub.strip('{}') in ('', base[2])
     if a.count('=') == g.count('=') == 1:  # two equations: 2x - y + 3 = 0 is the line y = 2x + 3
         sides = [_parse(x) for x in a.split('=') + g.split('=')]

@@ -2,6 +2,7 @@
 
     python -m pytest tests/test_rewards.py -q
 """
+import re
 import threading
 import time
 
@@ -128,7 +129,7 @@ CORRECT = [
     # base-n numerals: the digits, never the decimal value
     ('52', '52_8', True), ('52_{8}', '52_8', True), ('42', '52_8', False), ('4210_5', '4210_{5}', True),
     # boxed, wrappers, junk
-    ('\\boxed{\\frac{14}{3}}', '\\frac{14}{3}', True), ('so \\boxed{5} then \\boxed{6}', '6', True),
+    ('\\boxed{\\frac{14}{3}}', '\\frac{14}{3}', True), ('so \\boxed{5} then \\boxed{6}', '6', False),  # two values
     ('$\\displaystyle \\frac{3}{56}$', '\\frac{3}{56}', True), (None, '5', False), ('', '5', False),
     ('five', '5', False), ('10^{10^{10}}', '1', False),
     # how models write answers (issue 14): a sentence around one number, bold, an equation chain that ends in
@@ -143,12 +144,101 @@ CORRECT = [
     ('She has 17 or 18 apples', '18', False), ('18 (or 17)', '18', False), ('3 + 4 = 8', '8', False),
     ('x = 17 = 18', '18', False), ('x + 1 = 5', '5', False), ('Janet has 16 eggs and eats 3', '13', False),
     ('16 - 3 = 13 eggs, so 26', '26', False), ('**17** or **18**', '18', False), ('e5', '5', False),
+    # digits never join across a space, and a parenthetical with letters is a factor, not a comment
+    ('10 080', '10080', False), ('5 2', '52_8', False), ('2 (x+1)', '2', False), ('2 (x+1)', '2x+2', True),
 ]
 
 
 @pytest.mark.parametrize('answer,gold,expected', CORRECT)
 def test_is_correct(answer, gold, expected):
     assert timed(is_correct, answer, gold) is expected
+
+
+# when the words around a number change its meaning the answer is wrong (issue 20): RL optimises any false positive.
+# Each answer holds the gold's number, and the words turn it into something else.
+DISGUISED = {
+    'negated': ['not 18', 'The answer is not 18', 'never 18', 'no 18', 'not quite 18', 'It is not 18.', '**not** 18',
+                '\\text{not } 18', 'not \\boxed{18}', 'not 18 dollars', '\\neg 18', 'The answer is 18, not'],
+    'signed in words': ['negative 18', 'minus 18', 'The answer is negative 18', 'neg 18', '18 below zero',
+                        '18 degrees below zero', '18 in debt', '18 short'],
+    'inequality': ['less than 18', 'at least 18', 'over 18', 'more than 18', 'under 18', '>= 18', '\u2265 18', '< 18',
+                   '\\geq 18', '\\le 18', '\\approx 18', '\u2248 18', '\\sim 18', '~18', '~ 18', 'roughly 18',
+                   'about 18', 'approximately 18', 'almost 18', 'nearly 18', 'around 18', 'up to 18', 'close to 18',
+                   'fewer than 18', '18 or more', '18 or less', '18 at most', '18 at least', '18+', '18 or so', '18ish',
+                   '18-ish', '18 tops', '18 max', '18 upwards', '18 and up', 'about 18 dollars', 'ca. 18'],
+    'scaled': ['18 thousand', '18 dozen', '18 squared', 'half of 36', 'twice 9', '18 percent of 50', '18 million',
+               '18 hundred', '18 cubed', 'a third of 54', 'double 9', '18 thousands', '18 tens', '18 times',
+               '18 hundredths', '18 sixths', '18 halves', '18 grand', 'the square of 18', '18 score', '18 k',
+               '18 billion dollars', '18 dozen eggs', '18-fold', '18 \\text{ thousand}', '18 feet squared',
+               '18 square'],
+    'split': ['1 8', '1,8', '1 8.0', '1. 8', '18 18', '1 8 dollars', 'The answer is 1 8.', '\\boxed{1}\\boxed{8}'],
+    'disowned': ['12 (wrong)', '18 (wrong)', '18 (incorrect)', '18 (I think)', '18 (not sure)', '18? no, 17',
+                 '18, not 18', '18 (or 17)', '18 (17)', '18 (maybe)', '18 (approx.)', '18?', '18 dollars (wrong)',
+                 '18 \\quad \\text{(wrong)}', '\\boxed{18} (wrong)', '18 -- wrong', '18 (not 17)', 'maybe 18',
+                 '18 perhaps', 'I think 18', 'probably 18', 'Janet has 18'],
+    'hedged': ['17 or 18', '18 or 17', '18 or 18', '18, 18', '18 and 18', 'so \\boxed{17} then \\boxed{18}', '18; 17',
+               '\\boxed{17} or \\boxed{18}', '18 \\pm 1', '17-18', '18 and a half'],
+}
+
+
+@pytest.mark.parametrize('kind', DISGUISED)
+def test_disguised_number_is_wrong(kind):
+    for answer in DISGUISED[kind]:
+        nums = re.findall(r'\d+(?:\.\d+)?', answer)
+        for gold in {nums[0], nums[-1], ''.join(nums)}:  # 12 (wrong) for 12, 18? no, 17 for both, 1 8.0 for 18.0
+            assert timed(is_correct, answer, gold) is False, (answer, gold)
+
+
+ACCEPTED = {  # words that cannot change the number, as models write them
+    'framing': ['18', 'The answer is 18.', 'the answer is 18', 'So the answer is 18', 'so 18', 'Answer: 18',
+                'The final answer is: 18', 'Thus, 18', 'Therefore, the answer is 18.', 'Total = $18', 'Total cost = 18',
+                'The total is 18 dollars.', 'It costs $18.', 'She makes $18 every day.', 'There are 18 students left.',
+                'A total of 18 cookies', 'He needs 18', 'x = 18', 'x = 15 + 3 = 18', '18 exactly'],
+    'units': ['18 dollars', '$18', '$18.00', '18 apples', '18 cm', '18cm', '18 cm^2', '18 square feet', '18 sq ft',
+              '18 cubic meters', '18 dollars per hour', '$18 a day', '18 each', '18 in total', '18 in all',
+              '18 years old', '18 feet long', '18 people', '18 minutes', '18 pages', '18 \\text{ dollars}',
+              '18~\\text{cm}'],
+    'parenthetical': ['18 (dollars)', '18 (in total)', '18 (9 + 9)', '18 (2 \\cdot 9)', '18 (18)',
+                      '18 dollars (9 + 9)'],
+    'markup': ['**18**', 'The answer is **18**.', '\\boxed{18}', 'The answer is $\\boxed{18}$.', '\\(\\boxed{18}\\)',
+               '\\[ 18 \\]', '\\text{The answer is } 18', '18.0', '1.8e1'],
+    'percent is a unit': ['18%', '18\\%', '18 percent', '18 per cent'],
+}
+
+
+@pytest.mark.parametrize('kind', ACCEPTED)
+def test_framed_number_is_right(kind):
+    for answer in ACCEPTED[kind]:
+        assert timed(is_correct, answer, '18') is True, answer
+
+
+MEANING = ['not', 'no', 'never', 'negative', 'minus', 'about', 'around', 'roughly', 'approximately', 'approx', 'almost',
+           'nearly', 'over', 'under', 'above', 'below', 'least', 'most', 'more', 'less', 'fewer', 'max', 'up to',
+           'at least', 'at most', 'more than', 'less than', 'or more', 'or less', 'thousand', 'thousands', 'million',
+           'billion', 'hundred', 'hundreds', 'dozen', 'dozens', 'score', 'grand', 'squared', 'cubed', 'times', 'twice',
+           'double', 'triple', 'half', 'halves', 'third', 'thirds', 'quarter', 'tenths', 'ish', 'odd', 'tops', 'maybe',
+           'perhaps', 'probably', 'possibly', 'wrong', 'incorrect', 'false', 'guess', 'estimate', 'circa', 'upwards',
+           'short', 'off', 'square of', 'half of', 'ten', 'tens', 'ones', 'twenties', 'sixths', 'nope']
+TEMPLATES = ['{w} 18', '18 {w}', 'The answer is {w} 18', 'The answer is 18 {w}.', '{w} 18 dollars', '18 dollars {w}',
+             '18 ({w})', '\\boxed{{18}} {w}', '{w} \\boxed{{18}}', '**{w}** 18', '18 {w} apples', 'Total = {w} 18']
+
+
+@pytest.mark.parametrize('word', MEANING)
+def test_any_meaning_word_around_the_number_is_wrong(word):
+    for template in TEMPLATES:
+        answer = template.format(w=word)
+        assert is_correct(answer, '18') is False, answer
+        assert is_correct(answer.replace('18', '\\frac{3}{4}'), '\\frac34') is False, answer
+
+
+@pytest.mark.parametrize('prefix', ['', 'The answer is ', 'So ', 'Answer: ', 'Thus, the final answer is ', 'Total = ',
+                                    'She has ', 'It costs $', 'In total, there are '])
+def test_every_allowed_framing_is_right(prefix):
+    suffixes = ['', '.', ' dollars', ' apples', ' cm', ' in total', ' (dollars)', ' (9 + 9)', ' each', ' dollars per hour']
+    for suffix in suffixes:
+        for number in ('18', '**18**', '\\boxed{18}', '18.00'):
+            assert is_correct(f'{prefix}{number}{suffix}', '18') is True, f'{prefix}{number}{suffix}'
+            assert is_correct(f'{prefix}{number}{suffix}', '17') is False, f'{prefix}{number}{suffix}'
 
 
 ADVERSARIAL = [
@@ -159,7 +249,8 @@ ADVERSARIAL = [
     '1\\pm 2' * 150, '\\boxed{' * 50_000, ' ab' * 30_000 + ' 5', '\\begin{pmatrix}' + '1 & ' * 200 + '\\end{pmatrix}',
     '(1,2) \\cup ' * 100, '\\text{' * 1000, '=' * 500, '.' * 100_000, '\u2212' * 1000 + '\u03c0' * 100, 'x^{100000}',
     '\\tan(\\pi/2)', '\\log 0', '\\infty - \\infty', '1/0', '|' * 1000, 'x_' * 400 + 'x', '\\sin' * 200 + 'x',
-    '\\frac' * 200 + '12', '1+' * 499 + '1', 'x^x^x^x^x^x^x^x^x',
+    '\\frac' * 200 + '12', '1+' * 499 + '1', 'x^x^x^x^x^x^x^x^x', 'the ' * 999 + '18', '18' + ' dollars' * 500,
+    '18 (' + '9+' * 450 + '0)', '1' + 'a' * 3990, '18 (' + '{' * 1900 + '}' * 1900 + ')', '18' + ' a' * 1900,
 ]
 
 
