@@ -25,12 +25,15 @@ import time
 
 import torch
 
+import configurator
 import train
 
 PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2), random weights
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ff=512, vocab=None),
-    'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936, n_tok=151665),
+    'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936, n_tok=151665,
+                   hf='Qwen/Qwen2.5-3B'),
 }  # n_tok: the real tokenizer's size (Qwen2.5: 151,665 ids, 151,936 embedding rows); the log-softmax and sampler span it
+# hf: the hub model whose shapes a preset is (--memory plans it from the preset when it is not in the HF cache)
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16
 PEAK_BW = {'H100': 3.35e12, 'H200': 4.8e12, 'A100': 2.0e12, 'RTX 4090': 1.0e12}  # bytes/s: H100 SXM, A100 80 GB
 
@@ -66,20 +69,24 @@ def bandwidth_share(tok_s: float, rows: int, ctx: float, weight_bytes: int, kv_b
 GiB = 2 ** 30
 MAX_BATCH = 4096  # the rollout batch search stops here
 ALLOWANCE = (1.0 * GiB, 0.05)  # cuda context, cublas and nccl workspaces (outside max_memory_allocated); allocator slack
+UNSYNCED = 'gradients, unsharded (grad_sync step)'
 
 
 def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
     """(L, h, H, Hkv, D, ff, V embedding rows, n_tok tokenizer size, tied, bias), and where it came from: --preset, the
-    config's own dims for 'scratch', init_from's config.json (a local dir or a cached hub model), else Qwen2.5-3B, the
-    recipe's model, when init_from does not exist yet (the rl configs' out-sft/ckpt before sft has run)."""
+    config's own dims for 'scratch', init_from's config.json (a local dir or a cached hub model), the preset of a hub
+    model that is one, or, for config/sft.py's checkpoint before sft has run (the rl configs' init_from), the model
+    config/sft.py trains. any other model is an error: planning it as some other model would answer the wrong question."""
     from transformers import AutoConfig
     src = cfg['init_from']
-    if src == 'scratch' and not preset:
+    if preset:
+        return preset_shape(preset), f"preset {preset}"
+    if src == 'scratch':
         V = (train.Tokenizer.bytes_level().n_vocab + 63) // 64 * 64
         return dict(L=cfg['n_layer'], h=cfg['n_embd'], H=cfg['n_head'], Hkv=cfg['n_kv_head'],
                     D=cfg['n_embd'] // cfg['n_head'], ff=cfg['n_ff'], V=V, n_tok=V, tied=True, bias=True), 'scratch'
     try:
-        c = None if preset else AutoConfig.from_pretrained(src, local_files_only=True)
+        c = AutoConfig.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError):
         c = None
     if c is not None:
@@ -87,13 +94,25 @@ def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
                  D=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads, ff=c.intermediate_size,
                  V=c.vocab_size, tied=c.tie_word_embeddings, bias=c.model_type == 'qwen2')
         return dict(s, n_tok=s['V']), f"{src} config.json"
-    preset = preset or ('qwen3b' if 'qwen2.5-3b' in src.lower() or not os.path.exists(src) else '')
-    if preset not in PRESETS:
-        raise SystemExit(f"bench.py --memory: init_from = {src!r} has no config.json; pass --preset ({', '.join(PRESETS)})")
-    p = PRESETS[preset]
-    return (dict(L=p['n_layer'], h=p['n_embd'], H=p['n_head'], Hkv=p['n_kv_head'], D=p['n_embd'] // p['n_head'],
-                 ff=p['n_ff'], V=p['vocab'] or 320, n_tok=p.get('n_tok') or p['vocab'] or 320, tied=True, bias=True),
-            f"preset {preset}" + ('' if os.path.exists(src) else f" ({src} not found: the recipe's model)"))
+    hub = next((k for k, p in PRESETS.items() if p.get('hf') == src), None)
+    if hub:
+        return preset_shape(hub), f"preset {hub} ({src}, not in the HF cache)"
+    sft = {k: getattr(train, k) for k in train.config_keys}
+    with contextlib.redirect_stdout(io.StringIO()):
+        configurator.configure(sft, [os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'sft.py')])
+    if not os.path.exists(src) and os.path.normpath(src) == os.path.normpath(os.path.join(sft['out_dir'], 'ckpt')):
+        s, how = model_shape(dict(cfg, init_from=sft['init_from']))
+        return s, f"{how}, the model config/sft.py trains ({src} does not exist before it has run)"
+    why = ('a directory without a readable config.json' if os.path.isdir(src)
+           else 'no such directory, and no such model in the local HF cache')
+    raise SystemExit(f"bench.py --memory: cannot read the model init_from = {src!r} ({why}); pass --preset NAME "
+                     f"({', '.join(PRESETS)}) for its shapes, or set init_from to a directory with a config.json")
+
+
+def preset_shape(name: str) -> dict:
+    p = PRESETS[name]
+    return dict(L=p['n_layer'], h=p['n_embd'], H=p['n_head'], Hkv=p['n_kv_head'], D=p['n_embd'] // p['n_head'],
+                ff=p['n_ff'], V=p['vocab'] or 320, n_tok=p.get('n_tok') or p['vocab'] or 320, tied=True, bias=True)
 
 
 def layer_params(s: dict) -> int:
@@ -121,14 +140,21 @@ def act_bytes(s: dict, regime: str, a: int = 4) -> tuple[int, int, int]:
 def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool = True, prompt_len: int = 256,
                 opt: tuple | None = None) -> dict:
     """per-gpu bytes of train.py running cfg on world ranks: the components, the peak of each phase, the bytes a card
-    needs for the largest (peak + ALLOWANCE), and the largest micro_batch_size and rollout batch that fit gpu_bytes.
+    needs for the largest (peak + ALLOWANCE), and the largest micro_batch_size and rollout batch that fit gpu_bytes;
+    sync_bytes: what grad_sync 'micro' sends per rank per optimizer step beyond 'step'.
     opt: (fp32 temporaries per element, elements per chunk or None for whole parameters); default train.AdamW's."""
     W, N, V, h, L, Lp = world, n_params(s), s['V'], s['h'], s['L'], layer_params(s)
     mb, ob = train.DTYPES[cfg['master_dtype']].itemsize, train.DTYPES[cfg['optim_dtype']].itemsize
     fsdp, rl = W > 1, cfg['mode'] != 'sft'
     regime = ('fsdp' if fsdp else 'autocast') if cuda else 'plain'
     cb = 2 if cuda else mb  # bytes of what is computed: gathered or cast weights, kv cache, logits
-    c = {'master weights': N * mb / W, 'gradients': N * mb / W, 'adam moments': 2 * N * ob / W,
+    n_seq = cfg['batch_size'] // W * (cfg['group_size'] if rl else 1)  # sequences per rank per optimizer step
+    # fsdp2 without gradient sync (grad_sync 'step': every micro-batch but the last) accumulates each rank's whole
+    # unsharded gradients in reduce_dtype, fp32, until the last backward reduce-scatters them; 'micro' reduce-scatters
+    # after every backward, so only the 1/W shard accumulates. one micro-batch accumulates nothing, one rank shards nothing
+    unsynced = lambda B: N * 4 if fsdp and cfg['grad_sync'] == 'step' and n_seq > B else 0
+    c = {'master weights': N * mb / W, 'gradients': N * mb / W,
+         UNSYNCED: unsynced(cfg['micro_batch_size']), 'adam moments': 2 * N * ob / W,
          'reference (grpo)': N * (2 if cuda and fsdp else mb) / W if cfg['mode'] == 'grpo' and cfg['beta'] > 0 else 0,
          'inference copy (overlap)': N * cb if rl and cfg['overlap'] else 0}
     temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
@@ -143,7 +169,6 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     resident = (c['master weights'] + c['adam moments'] + c['reference (grpo)'] + c['inference copy (overlap)'])
     T = prompt_len + cfg['max_new_tokens'] if rl else cfg['max_seq_len']
     n_logit = cfg['max_new_tokens'] + 1 if rl else T  # positions the lm_head computes (logits_to_keep)
-    n_seq = cfg['batch_size'] // W * (cfg['group_size'] if rl else 1)  # sequences per rank per optimizer step
     S = prompt_len + cfg['max_new_tokens'] - 1  # a rollout row's kv window
 
     def step(B: int, ckpt: bool) -> tuple[float, dict]:
@@ -157,9 +182,9 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
         # recomputed activations (checkpointing), the mlp's gradients (~ff a token), the residual stream's grads
         u['backward transient'] = cw_bwd + max(2 * logits + 3 * chunk32,
                                                B * T * ((layer_b if ckpt else 0) + s['ff'] * cb + 2 * h * 4))
-        grads = c['gradients'] if n_seq > B else 0  # alive in a forward once an earlier micro-batch has run backward
-        peak = resident + u['activations (saved)'] + max(grads + u['forward transient'],
-                                                         c['gradients'] + u['backward transient'])
+        grads = unsynced(B) or c['gradients']  # what accumulates from the first backward to the optimizer step
+        peak = resident + u['activations (saved)'] + max(grads * (n_seq > B) + u['forward transient'],
+                                                         grads + u['backward transient'])
         return max(peak, resident + c['gradients'] + c['optimizer step temporaries']), u
 
     def rollout(n_prompts: int) -> tuple[float, dict]:
@@ -180,6 +205,10 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
         if cfg['overlap']:  # the next rollout generates (from the copy) while this update trains
             p['overlapped'] = peak + r['kv cache'] + r['decode logits']
     out = {'components': c, 'peaks': p, 'peak': max(p.values()), 'n_params': N, 'regime': regime, 'T': T}
+    # 'micro' reduce-scatters the N x 4 bytes of fp32 gradients after each micro-batch instead of once a step: a ring
+    # reduce-scatter sends (W - 1) / W of them from each rank
+    out['n_micro'] = -(-n_seq // cfg['micro_batch_size'])
+    out['sync_bytes'] = (out['n_micro'] - 1) * (W - 1) / W * N * 4
     out['need'] = need(out['peak'])
     out['fits'] = out['need'] <= gpu_bytes
     out['max_micro'] = {ck: max([b for b in range(1, n_seq + 1) if need(step(b, ck)[0]) <= gpu_bytes]
@@ -195,7 +224,6 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
 
 def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, prompt_len: int) -> str:
     """bench.py --memory: the plan of a config (+ overrides) beside the seed's precision scheme and the seed's table"""
-    import configurator
     cfg = {k: getattr(train, k) for k in train.config_keys}
     with contextlib.redirect_stdout(io.StringIO()):  # its 'override:' lines
         configurator.configure(cfg, argv)
@@ -221,8 +249,16 @@ def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, promp
                  f"   -> this config {'fits' if ours['fits'] else 'does NOT fit'} in {gpu_gb:g} GiB")
     rl = cfg['mode'] != 'sft'
     lines.append(f"  shapes: micro_batch_size {cfg['micro_batch_size']} x {ours['T']} tokens, activation checkpointing "
-                 f"{cfg['activation_checkpointing']}" + (f"; rollout {ours['rows']} rows x {ours['window']}-token window "
-                 f"(prompts assumed {prompt_len} tokens: --prompt_len)" if rl else ''))
+                 f"{cfg['activation_checkpointing']}, grad_sync {cfg['grad_sync']}" + (f"; rollout {ours['rows']} rows x "
+                 f"{ours['window']}-token window (prompts assumed {prompt_len} tokens: --prompt_len)" if rl else ''))
+    if ours['sync_bytes']:  # sharded, and more than one micro-batch: the two grad_sync values differ
+        other = plan(dict(cfg, grad_sync='step' if cfg['grad_sync'] == 'micro' else 'micro'))
+        fit = f"needs {other['need'] / GiB:.2f} GiB, {'fits' if other['fits'] else 'does NOT fit'}"
+        rs = (f"+{ours['sync_bytes'] / 1e9:.1f} GB sent per rank per optimizer step ({ours['n_micro']} reduce-scatters of "
+              f"the {N * 4 / 1e9:.2f} GB of fp32 gradients instead of 1)")
+        held = f"{N * 4 / GiB:.2f} GiB of unsharded fp32 gradients per rank"
+        lines.append(f"  grad_sync micro costs {rs}; step would hold {held} instead ({fit})" if cfg['grad_sync'] == 'micro'
+                     else f"  grad_sync step holds {held} between micro-batches; micro ({fit}) would cost {rs}")
     n = lambda x: x or 'none'
     lines.append(f"  largest micro_batch_size that fits: {n(ours['max_micro'][True])} with activation checkpointing, "
                  f"{n(ours['max_micro'][False])} without" + (f"; largest batch_size (prompts x {cfg['group_size']}) "
@@ -233,10 +269,11 @@ def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, promp
     rows = {}
     for name, p in (('seed', plan(dict(cfg, master_dtype='bf16', optim_dtype='fp32', micro_batch_size=1))),
                     ('ours', plan(dict(cfg, micro_batch_size=1)))):
-        c, state = p['components'], sum(p['components'][k] for k in ('master weights', 'gradients', 'adam moments'))
-        extra = c['reference (grpo)'] + c['inference copy (overlap)']
+        c = p['components']
+        grads = max(c['gradients'], c[UNSYNCED])  # grad_sync step: the unsharded ones, alive through the micro-batches
+        state, extra = c['master weights'] + grads + c['adam moments'], c['reference (grpo)'] + c['inference copy (overlap)']
         rollout = sum(c.get(k, 0) for k in ('kv cache', 'decode logits', 'rollout weights'))
-        rows[name] = [gb(c['master weights']), gb(c['gradients']), gb(c['adam moments']), gb(state),
+        rows[name] = [gb(c['master weights']), gb(grads), gb(c['adam moments']), gb(state),
                       gb(max(p['peaks'][k] for k in p['peaks'] if k in ('sft step', 'rl update')) - state - extra),
                       gb(p['need'] - p['peak'] + rollout), gb(p['need'])]
     seed_rows = ['weights', 'gradients', 'adam moments', 'subtotal', 'activations (checkpointed, micro_batch 1)',
@@ -349,7 +386,7 @@ def bench_train(model, tok, args) -> dict:
     if cuda:
         model.float()  # fp32 master weights under bf16 autocast, as train.py on one GPU
     if args.ckpt_layers:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
     opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.bfloat16)
     B, T = args.micro_batch, args.seq_len
     ids = torch.randint(0, min(tok.n_vocab, 256), (B, T), device=args.device)
