@@ -64,7 +64,7 @@ def configure(config: dict, argv: list[str]) -> dict:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 _fail(arg, f"config file '{arg}' not found (settings are passed as --key=value)")
-            ns: dict = {}
+            ns: dict = {'__file__': arg}  # a config may exec another beside it, from any working directory
             try:
                 with open(arg) as f:
                     exec(compile(f.read(), arg, 'exec'), ns)

@@ -87,6 +87,29 @@ def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int]
     return res
 
 
+def fingerprint(path: str, skip: str = '') -> list:
+    """(name, size, mtime) of a file, or of every file under a dir but those under skip (the eval's own outputs):
+    cheap, and any rewrite of a weight or tokenizer file changes it."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.abspath(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for d, dirs, files in os.walk(path):
+        dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != os.path.abspath(skip))
+        out += [f for name in sorted(files) for f in fingerprint(os.path.join(d, name))]
+    return out
+
+
+def results_tag(ds: str, args, cfg: dict, eos_ids: list[int], dtype, path: str, out_dir: str) -> str:
+    """the results file's name: everything that changes a completion is in it, so a resume never reuses another
+    eval's rows: every argument but where results go and how they are summed up, the settings, the stop token, the
+    precision, and each model and data file as it is now (a model retrained into the same dir is another model)."""
+    gen = {k: v for k, v in vars(args).items() if k not in ('out', 'k', 'limit')}
+    key = json.dumps([ds, gen, cfg, eos_ids, str(dtype), fingerprint(path, out_dir), fingerprint(args.data or '')])
+    return f"{ds}-{'greedy' if not args.n_samples else f'n{args.n_samples}-t{args.temperature}'}-" \
+           f"{args.max_new_tokens}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
 def read_results(pattern: str) -> dict:
     """{problem id: row} from every rank's results file; a line cut by an interrupt is skipped (its batch reruns)."""
     done = {}
@@ -185,6 +208,8 @@ def main(argv=None):
     ap.add_argument('--batch_size', type=int, default=16, help="problems per generation batch")
     ap.add_argument('--prompt_template', default='', help="base models: 'r1' (default) | 'chat' | '...{question}...'")
     ap.add_argument('--gguf_file', default='', help="with --model: load this GGUF file from the model dir")
+    ap.add_argument('--eos_token', default='', help="the token a completion ends with (default: the one that ends an "
+                    "assistant turn in the chat template under 'chat', else the tokenizer's eos)")
     ap.add_argument('--out', default='', help="output dir (default: <ckpt>/eval or eval-out)")
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--seed', type=int, default=0)
@@ -197,7 +222,7 @@ def main(argv=None):
         raise SystemExit(f"--data {args.data!r}: no such file (needed for --dataset jsonl)")
     ks = [int(k) for k in args.k.split(',')]
     cfg = {'prompt_template': args.prompt_template or 'r1', 'system_prompt': 'You are a helpful assistant.',
-           'eos_token': '', 'seed': 1337, 'arith_terms': 3, 'arith_digits': 2, 'arith_task': 'chain'}
+           'eos_token': args.eos_token, 'seed': 1337, 'arith_terms': 3, 'arith_digits': 2, 'arith_task': 'chain'}
     path = args.ckpt or args.model
     if args.ckpt:
         path = os.path.realpath(os.path.join(path, 'ckpt') if os.path.isdir(os.path.join(path, 'ckpt')) else path)
@@ -211,6 +236,8 @@ def main(argv=None):
         cfg.update({k: saved[k] for k in cfg if k in saved})  # the template the checkpoint was trained with
         if args.prompt_template:
             cfg['prompt_template'] = args.prompt_template
+        if args.eos_token:
+            cfg['eos_token'] = args.eos_token
     elif args.dataset == 'arith':
         raise SystemExit("--dataset arith needs --ckpt (the task's settings come from the checkpoint)")
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -228,18 +255,18 @@ def main(argv=None):
         tok = train.Tokenizer(hf=AutoTokenizer.from_pretrained(path, **extra))
     else:
         tok = train.load_pretrained(path, '--model', train.Tokenizer.load)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(args.device).eval()
-    eos_ids = [tok.token_id(cfg['eos_token'] or tok.default_eos(cfg['prompt_template']))]
+    model = (train.load_checkpoint_model(path, dtype) if train.is_checkpoint(path) else
+             AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)).to(args.device).eval()
+    try:
+        eos_ids = [tok.token_id(cfg['eos_token'] or tok.default_eos(cfg['prompt_template']))]
+    except ValueError as e:
+        raise SystemExit(f"--eos_token: {e}") from None
     out_dir = args.out or (os.path.join(path, 'eval') if args.ckpt else 'eval-out')
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}
     names = ['gsm8k', 'math500'] if args.dataset == 'both' else [args.dataset]
     for ds, problems in [(ds, load_problems(argparse.Namespace(**{**vars(args), 'dataset': ds}), cfg)) for ds in names]:
-        # everything that changes a result names the file, so a resume never reuses another eval's rows
-        key = json.dumps([path, os.path.abspath(args.data or ''), args.question_field, args.answer_field, cfg,
-                          args.n_samples, args.temperature, args.max_new_tokens, args.batch_size, args.seed, args.engine])
-        tag = f"{ds}-{'greedy' if not args.n_samples else f'n{args.n_samples}-t{args.temperature}'}-" \
-              f"{args.max_new_tokens}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        tag = results_tag(ds, args, cfg, eos_ids, dtype, path, out_dir)
         done = read_results(os.path.join(out_dir, f'results-{tag}.rank*.jsonl'))
         batches = [problems[s:s + args.batch_size] for s in range(0, len(problems), args.batch_size)]
         t0, n_new, n_ok = time.time(), 0, 0

@@ -29,18 +29,22 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
+import select
 import shutil
 import signal
+import threading
 import time
+import warnings
 import zlib
 
 import nvtx
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import rewards
@@ -89,6 +93,8 @@ grad_clip = 1.0  # 0 disables
 max_skips = 3  # a step whose loss or gradient norm is not finite is skipped; more in a row than this stop the run
 batch_size = 64  # global per step, whatever the world size: sft examples | rl prompts (x group_size samples)
 micro_batch_size = 4  # sequences per forward/backward on each rank
+grad_sync = 'micro'  # fsdp2: 'micro' reduce-scatters every micro-batch's gradients (each rank holds its 1/world shard);
+# 'step' reduces once per step, one collective instead of n_micro, but each rank accumulates full fp32 gradients
 master_dtype = 'fp32'  # 'fp32' | 'bf16': fp32 master weights apply 1e-6-sized updates; bf16 loses them
 optim_dtype = 'bf16'  # 'fp32' | 'bf16': adam moments; bf16 halves their memory (fits 3B on 2x24 GB)
 # rl
@@ -179,9 +185,23 @@ class Tokenizer:
         return ids[0]
 
     def default_eos(self, template: str) -> str:
+        """the token a completion ends with: under 'chat' the one that ends an assistant turn in the tokenizer's own
+        chat template (qwen <|im_end|>, llama 3 <|eot_id|>, gemma <end_of_turn>; a qwen base model's eos is
+        <|endoftext|>, but its chat turns end with <|im_end|>), else the tokenizer's end of text."""
+        if self.hf is None:
+            return '<|endoftext|>'
         if template == 'chat':
-            return '<|im_end|>'  # qwen base's eos is <|endoftext|>, but chat turns end with <|im_end|>
-        return self.hf.eos_token if self.hf is not None else '<|endoftext|>'
+            turn = [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'ANSWER'}]
+            text = self.hf.apply_chat_template(turn, tokenize=False)
+            after = self.encode(text[text.rindex('ANSWER') + len('ANSWER'):])
+            special = {i for i, t in self.hf.added_tokens_decoder.items() if t.special} | set(self.hf.all_special_ids)
+            for i in after:  # the first special token after the turn's text closes it
+                if i in special:
+                    return self.hf.convert_ids_to_tokens(i)
+        if self.hf.eos_token is None:
+            raise ValueError("the tokenizer has no eos token and its chat template closes no turn with a special "
+                             "token: set eos_token")
+        return self.hf.eos_token
 
     def save(self, path: str):
         if self.hf is not None:
@@ -360,7 +380,8 @@ def collate_rl(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 
 def build_model(cfg: dict, tok: Tokenizer):
-    """a Qwen2-architecture model: random weights for 'scratch', else loaded from a hub name or local dir."""
+    """a Qwen2-architecture model with random weights for 'scratch', else loaded from a hub name, a local HF dir or a
+    reasoning-engine checkpoint; in train mode, without dropout."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
     dtype = DTYPES[cfg['master_dtype']]
     if cfg['init_from'] == 'scratch':
@@ -369,8 +390,18 @@ def build_model(cfg: dict, tok: Tokenizer):
                          num_attention_heads=cfg['n_head'], num_key_value_heads=cfg['n_kv_head'],
                          max_position_embeddings=4096, tie_word_embeddings=True)
         torch.manual_seed(cfg['seed'])  # identical init on every rank
-        return Qwen2ForCausalLM(mc).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(cfg['init_from'], dtype=dtype)
+        model = Qwen2ForCausalLM(mc).to(dtype)
+    elif is_checkpoint(cfg['init_from']):
+        model = load_checkpoint_model(cfg['init_from'], dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg['init_from'], dtype=dtype)
+    for mod in model.modules():  # the update scores exactly what the sampler drew from: no dropout anywhere
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, 'attention_dropout', None), float):
+            mod.attention_dropout = 0.0
+    # from_pretrained returns eval mode, and HF recomputes checkpointed layers only in train mode
+    return model.train()
 
 
 def load_pretrained(path: str, key: str, load):
@@ -853,100 +884,258 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written to ckpt_NNNNNN.tmp, renamed, then the out_dir/ckpt symlink is swapped atomically
+# checkpoints. out_dir/ckpt links to the newest ckpt_NNNNNN, which holds
+#   state/            the master weights and adam's moments: each rank writes its own shard, all in parallel
+#                     (torch.distributed.checkpoint), and a load reshards them to the reading run's world size
+#   train_state.json  counters, settings, adam's step counts; rank{r}.json: that rank's rng and pending rollout
+#   config.json, tokenizer files, model.safetensors: a HF model dir for eval.py and the hub (a stop writes no
+#                     model.safetensors: the weights are in state/)
+# only tensors and json: loading a checkpoint never unpickles anything. written to a .tmp dir, renamed, then the
+# link is swapped atomically.
 
 
-def full_optimizer_state(model, optimizer, keep: bool) -> dict:
-    """adam's moments as full tensors by parameter name, whatever the sharding, so a checkpoint resumes on any number
-    of ranks. a collective under fsdp2 (every rank calls it); only the rank that keeps them holds them on the host."""
-    def full(t, p):  # our moments are the local shards of p's layout
-        t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor() \
+class MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint pickles state/.metadata: read it allowing only the classes it is made of, so a
+    checkpoint from elsewhere cannot run code (the tensors themselves load with weights_only)."""
+    SAFE = {('torch.distributed.checkpoint.metadata', n) for n in (
+        'Metadata', 'MetadataIndex', 'ChunkStorageMetadata', 'TensorStorageMetadata', 'TensorProperties', 'StorageMeta',
+        'BytesStorageMetadata', '_MEM_FORMAT_ENCODING')} | {
+        ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'), ('pathlib', 'PosixPath'),
+        ('torch.serialization', '_get_layout')}
+
+    def find_class(self, module, name):
+        if (module, name) in self.SAFE or (module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds")
+
+
+def ckpt_reader(path: str):
+    """torch.distributed.checkpoint's file reader with the metadata read by MetadataUnpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(path, '.metadata'), 'rb') as f:
+                md = MetadataUnpickler(f).load()
+            md.storage_meta = md.storage_meta or StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+    return Reader(path)
+
+
+@contextlib.contextmanager
+def single_process_ok():
+    """torch.distributed.checkpoint warns on every call outside a process group; one process is a run we support."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        yield
+
+
+def ckpt_tensors(params: dict, optimizer=None) -> dict:
+    """the weights (params: name -> parameter) and adam's moments by name, the moments laid out as their weight (a
+    DTensor under fsdp2)."""
+    def like(t, p):
+        return DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
             if isinstance(p, DTensor) else t
-        return t.cpu() if keep else None
-    state = {name: {'step': st['step'], 'm': full(st['m'], p), 'v': full(st['v'], p)}
-             for name, p in model.named_parameters() if (st := optimizer.state.get(p))}
-    return {'state': state, 'param_groups': [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]}
+    sd = {}
+    for name, p in params.items():
+        sd[f'model.{name}'] = p
+        if optimizer is not None and (st := optimizer.state.get(p)):
+            sd[f'adam_m.{name}'], sd[f'adam_v.{name}'] = like(st['m'], p), like(st['v'], p)
+    return sd
 
 
-def load_optimizer_state(model, optimizer, sd: dict):
-    """the full moments -> this rank's shards (each rank slices its own: no communication), in the state dtype."""
-    def shard(t, p):
-        t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local() if isinstance(p, DTensor) else t
-        return t.to(local(p).device, optimizer.state_dtype)
-    for name, p in model.named_parameters():
-        if name in sd['state']:
-            st = sd['state'][name]
-            optimizer.state[p] = {'step': st['step'], 'm': shard(st['m'], p), 'v': shard(st['v'], p)}
-    for g, saved in zip(optimizer.param_groups, sd['param_groups']):
-        g.update(saved)
-
-
-def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank: int, world: int,
-                    pending=None):
-    """a collective: every rank calls it. pending: an overlapped run's finished rollout of the next step (this rank's
-    share), so a resume uses it as the uninterrupted run would, rather than regenerating it from later weights."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
-    finite = torch.stack([local(p).isfinite().all() for p in model.parameters()]).all().float()[None]
+def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank_state: dict,
+                    rank: int, world: int, *, params: dict | None = None, pg=None, export: bool = True,
+                    tmp: str = 'ckpt.tmp', link_lock=contextlib.nullcontext()):
+    """a collective over pg (None: the default group): each rank writes its shard of state/ and its rank{r}.json,
+    rank 0 the rest. export: also model.safetensors, a gather of the full weights to rank 0 (the default group).
+    params: name -> sharded parameter, taken while the model was at rest (fsdp2 registers the unsharded ones on the
+    modules during a forward, and a stop may write in the middle of one)."""
+    params = dict(model.named_parameters()) if params is None else params
+    finite = bool(torch.stack([local(p).isfinite().all() for p in params.values()]).all())  # host sync
+    every = [finite] * world
     if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():  # host sync; the non-finite guard makes this unreachable, and a checkpoint must never hold one
+        dist.all_gather_object(every, finite, group=pg)
+    if not all(every):  # the non-finite guard makes this unreachable, and a checkpoint must never hold one
         raise SystemExit(f"step {step}: the weights are not finite; no checkpoint written ({out_dir}/ckpt is the last good one)")
-    if isinstance(model, FSDPModule):  # collective: every rank takes part (torchrun with 1 rank shards too)
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    osd = full_optimizer_state(model, optimizer, keep=rank == 0)
-    tmp = os.path.join(out_dir, 'ckpt.tmp')
+    path = os.path.join(out_dir, tmp)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
-        os.makedirs(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # a save that died half-way
+        os.makedirs(path)
     if world > 1:
-        dist.barrier()
-    torch.save({'rng': torch.get_rng_state(), 'world_size': world, 'pending': pending},
-               os.path.join(tmp, f'train_state_rank{rank}.pt'))
+        dist.barrier(group=pg)
+    with open(os.path.join(path, f'rank{rank}.json'), 'w') as f:
+        json.dump(rank_state, f)
+    adam = save_state(os.path.join(path, 'state'), params, optimizer, pg)
+    sd = None
+    if export:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):  # collective: every rank takes part (torchrun with 1 rank shards too)
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if rank == 0:
-        torch.save(osd, os.path.join(tmp, 'optimizer.pt'))
-        if model.config.tie_word_embeddings:
-            sd.pop('lm_head.weight', None)
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, 'model.safetensors'),
-                  metadata={'format': 'pt'})
+        from safetensors.torch import save_file
+        if sd is not None:
+            if model.config.tie_word_embeddings:
+                sd.pop('lm_head.weight', None)
+            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, 'model.safetensors'),
+                      metadata={'format': 'pt'})
         model.config.architectures = [model.config.architectures[0] if model.config.architectures
                                       else 'Qwen2ForCausalLM']
-        model.config.save_pretrained(tmp)
-        tok.save(tmp)
-        with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
-            json.dump(state, f, indent=1)
+        model.config.save_pretrained(path)
+        tok.save(path)
+        with open(os.path.join(path, 'train_state.json'), 'w') as f:
+            json.dump(dict(state, **adam), f, indent=1)
     if world > 1:
-        dist.barrier()
+        dist.barrier(group=pg)
     if rank == 0:
-        name = f'ckpt_{step:06d}'
-        while os.path.exists(os.path.join(out_dir, name)):  # never overwrite what ckpt may point at
-            name += '+'
-        os.rename(tmp, os.path.join(out_dir, name))
-        link = os.path.join(out_dir, 'ckpt')
-        if os.path.lexists(link + '.new'):
-            os.remove(link + '.new')
-        os.symlink(name, link + '.new')
-        os.replace(link + '.new', link)  # atomic: ckpt names the old or the new checkpoint, never half of one
-        for d in os.listdir(out_dir):
-            if d.startswith('ckpt_') and d != name:  # only after the link moved
-                shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+        with link_lock:
+            name = f'ckpt_{step:06d}'
+            while os.path.exists(os.path.join(out_dir, name)):  # never overwrite what ckpt may point at
+                name += '+'
+            os.rename(path, os.path.join(out_dir, name))
+            link = os.path.join(out_dir, 'ckpt')
+            if os.path.lexists(link + '.new'):
+                os.remove(link + '.new')
+            os.symlink(name, link + '.new')
+            os.replace(link + '.new', link)  # atomic: ckpt names the old or the new checkpoint, never half of one
+            for d in os.listdir(out_dir):
+                if d.startswith('ckpt_') and d != name:  # only after the link moved
+                    shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
     if world > 1:
-        dist.barrier()
+        dist.barrier(group=pg)
 
 
-def load_train_state(ckpt: str, rank: int, world: int) -> tuple[dict, dict]:
-    """-> (train_state.json, this rank's rng and pending rollout). on another world size the per-rank part is
-    dropped: the weights and the optimizer reshard, the data stream is global, and sampling seeds come from
-    (step, round, rank), so the run goes on as an uninterrupted one at the new world size would."""
-    with open(os.path.join(ckpt, 'train_state.json')) as f:
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, 'train_state.json')) and os.path.isdir(os.path.join(path, 'state'))
+
+
+def load_checkpoint_model(path: str, dtype: torch.dtype):
+    """a reasoning-engine checkpoint as an unsharded HF model: built from its config.json, the weights from state/
+    (every rank reads them whole, as from_pretrained would)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    read_state(os.path.join(path, 'state'), ckpt_tensors(dict(model.named_parameters())))
+    return model
+
+
+def save_state(path: str, params: dict, optimizer, pg=None) -> dict:
+    """state/: the weights and adam's moments, each rank writing its own shard (a collective over pg) -> adam's step
+    counts and settings, for train_state.json."""
+    import torch.distributed.checkpoint as dcp
+    with single_process_ok():
+        dcp.save(ckpt_tensors(params, optimizer), checkpoint_id=path, process_group=pg, no_dist=not dist.is_initialized())
+    return {'adam_steps': {name: st['step'] for name, p in params.items() if (st := optimizer.state.get(p))},
+            'adam_groups': [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]}
+
+
+def read_state(path: str, tensors: dict):
+    """fill tensors (a name -> tensor or DTensor dict) in place from state/, each rank reading only the pieces of the
+    files that its shards need (no communication); a file that is not what a checkpoint holds is a plain error."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        with torch.no_grad(), single_process_ok():
+            dcp.load(tensors, storage_reader=ckpt_reader(path), no_dist=True)
+    except (CheckpointException, OSError, pickle.UnpicklingError) as e:
+        why = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        raise SystemExit(f"{path}: not a readable checkpoint ({str(why).strip().splitlines()[-1]})") from None
+
+
+def load_state(path: str, params: dict, optimizer, adam: dict):
+    """adam's moments from state/ into this rank's shards of them, in the optimizer's state dtype (no communication:
+    each rank reads the pieces of the files it needs)."""
+    for name, n in adam['adam_steps'].items():
+        z = lambda: torch.zeros_like(local(params[name]), dtype=optimizer.state_dtype)
+        optimizer.state[params[name]] = {'step': n, 'm': z(), 'v': z()}
+    read_state(path, {k: v for k, v in ckpt_tensors(params, optimizer).items() if not k.startswith('model.')})
+    for g, saved in zip(optimizer.param_groups, adam['adam_groups']):
+        g.update({k: tuple(v) if k == 'betas' else v for k, v in saved.items()})
+
+
+def load_checkpoint(path: str, params: dict, optimizer, rank: int, world: int) -> tuple[dict, dict]:
+    """the optimizer's state from a checkpoint -> (train_state.json, this rank's rng and pending rollout). on another
+    world size the per-rank part is dropped: the data stream is global, and sampling seeds come from (step, round,
+    rank), so the run goes on as an uninterrupted one at the new size would."""
+    with open(os.path.join(path, 'train_state.json')) as f:
         state = json.load(f)
-    path = os.path.join(ckpt, f'train_state_rank{rank}.pt')
+    load_state(os.path.join(path, 'state'), params, optimizer, state)
     if state['world_size'] != world:
         return state, {'pending': None}
-    return state, torch.load(path, weights_only=False)
+    with open(os.path.join(path, f'rank{rank}.json')) as f:
+        return state, json.load(f)
+
+
+class Preemption:
+    """SIGTERM or SIGINT: write the last finished step at once, abandon the step in flight, exit 0.
+
+    torchrun forwards a signal to every worker and kills them --shutdown_timeout (30 s) later; a step at 3B takes
+    minutes, so nothing waits for it. the signal's C handler writes to a pipe, which wakes a thread on each rank even
+    while the main thread sits in a collective; a signal that reached one rank only reaches the others through the
+    rendezvous store. the threads agree on the step over their own gloo group, while the main threads cannot change
+    the weights (the optimizer step holds `lock`), and write it with save(step, state, rank_state, pg). the rollout in
+    flight is regenerated on resume."""
+
+    def __init__(self, save, world: int, device: str):
+        self.lock, self.link_lock, self.stopping = threading.Lock(), threading.Lock(), threading.Event()
+        self.finished, self.saved = None, None  # (step, state, rank_state) of the last finished step; last linked step
+        self.save, self.world, self.device = save, world, device
+        self.group = dist.new_group(backend='gloo') if world > 1 else None
+        self.store, self.key = None, f"reasoning-engine-stop-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        if world > 1:
+            from datetime import timedelta
+            self.store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                                       timeout=timedelta(seconds=60))
+        self.pipe, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda num, frame: None)  # the pipe is what is read
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def mark(self, finished):
+        """called by the main thread: None while the weights change, (step, state, rank_state) once a step is done."""
+        with self.lock:
+            self.finished = finished
+
+    def _watch(self):
+        while not select.select([self.pipe], [], [], 0.5)[0]:
+            if self.store is not None and self.store.check([self.key]):
+                break
+        else:
+            if self.store is not None:
+                self.store.set(self.key, '1')
+        self.stopping.set()
+        code = 1
+        try:
+            if self.device.startswith('cuda'):
+                torch.cuda.set_device(self.device)  # a new thread starts on gpu 0
+            while True:
+                with self.lock:  # the main thread cannot start or finish an optimizer step meanwhile
+                    mine = self.finished[0] if self.finished is not None else None
+                    every = [mine] * self.world
+                    if self.world > 1:
+                        dist.all_gather_object(every, mine, group=self.group)
+                    if None not in every and len(set(every)) == 1:  # a rank one step behind catches up, then parks
+                        step, state, rank_state = self.finished
+                        if self.saved is None or step > self.saved:
+                            self.save(step, state, rank_state, self.group)
+                        code = 0
+                        break
+                time.sleep(0.1)
+        except BaseException as e:
+            print(f"stop: the checkpoint could not be written: {type(e).__name__}: {e}", flush=True)
+        os._exit(code)
+
+    def park(self):
+        """the main thread, once a stop is under way, at a point of the step where it holds nothing the writer needs
+        (never between the gradient norm's all-reduce and the optimizer step): wait for the writer to end the process."""
+        while self.stopping.is_set() and self.finished is not None:  # not amid num_iterations > 1 optimizer steps
+            time.sleep(3600)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -976,6 +1165,10 @@ def validate(c: dict, world: int):
     for k in ('max_iters', 'batch_size', 'micro_batch_size', 'group_size', 'max_new_tokens', 'num_iterations',
               'max_gen_rounds', 'max_seq_len', 'logprob_chunk', 'ckpt_interval', 'log_interval'):
         need(c[k] >= 1, f"{k} = {c[k]}, expected >= 1")
+    for k in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_skips'):
+        need(c[k] >= 0, f"{k} = {c[k]}, expected >= 0")
+    for k in ('beta1', 'beta2'):
+        need(0 <= c[k] < 1, f"{k} = {c[k]}, expected in [0, 1)")
     need(0 <= c['arith_trace_frac'] <= 1, f"arith_trace_frac = {c['arith_trace_frac']}, expected in [0, 1]")
     need(c['arith_task'] in ('chain', 'column'), f"arith_task = {c['arith_task']!r}, expected 'chain' or 'column'")
     need(c['arith_terms'] >= 2 and c['arith_digits'] >= 1,
@@ -989,6 +1182,7 @@ def validate(c: dict, world: int):
          f"prompt_template = {c['prompt_template']!r}, expected 'r1', 'chat' or a string containing '{{question}}'")
     need(c['prompt_template'] != 'chat' or c['init_from'] != 'scratch',
          "prompt_template = 'chat' needs a tokenizer with a chat template; init_from = 'scratch' has none")
+    need(c['grad_sync'] in ('micro', 'step'), f"grad_sync = {c['grad_sync']!r}, expected 'micro' or 'step'")
     need(c['engine'] in ('static', 'hf'), f"engine = {c['engine']!r}, expected 'static' or 'hf'")
     need(c['overlong'] in ('auto', 'none', 'fixed', 'soft'),
          f"overlong = {c['overlong']!r}, expected 'auto', 'none', 'fixed' or 'soft'")
@@ -1010,11 +1204,22 @@ def validate(c: dict, world: int):
              f"overlong_buffer ({c['overlong_buffer']}) must be in 1..max_new_tokens ({c['max_new_tokens']}) with overlong='soft'")
 
 
+def check_positions(c: dict, n_pos: int, longest_prompt: int):
+    """a sequence never runs past the model's positions (nor sizes a kv cache for more)."""
+    if c['mode'] == 'sft' and c['max_seq_len'] > n_pos:
+        raise SystemExit(f"config error: max_seq_len = {c['max_seq_len']}, but the model has {n_pos} positions")
+    if c['mode'] != 'sft' and longest_prompt + c['max_new_tokens'] > n_pos:
+        raise SystemExit(f"config error: max_new_tokens = {c['max_new_tokens']} after the longest prompt ({longest_prompt} "
+                         f"tokens) needs {longest_prompt + c['max_new_tokens']} positions; the model has {n_pos}")
+
+
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     import sys
     from configurator import configure
-    configure(globals(), sys.argv[1:])
+    config = {k: globals()[k] for k in config_keys}
+    configure(config, sys.argv[1:])  # config keys only: MODES, R1_TAGS and the like are not settings
+    globals().update(config)
     eps_high = eps_high or (0.28 if mode == 'dapo' else eps_low)  # 0: the mode's default
     overlong = {'auto': 'fixed' if mode == 'dapo' else 'none'}.get(overlong, overlong)
     config = {k: globals()[k] for k in config_keys}
@@ -1034,12 +1239,13 @@ if __name__ == "__main__":
     os.makedirs(out_dir, exist_ok=True)
 
     # resume reads the model, tokenizer and counters from out_dir/ckpt; the run's settings come from argv
-    state, rstate = {'step': 0, 'data_pos': 0, 'init_from': init_from}, None
+    state, rstate = {'step': 0, 'data_pos': 0, 'init_from': init_from}, {}
     if init_from == 'resume':
         ckpt_path = os.path.realpath(os.path.join(out_dir, 'ckpt'))
-        if not os.path.isdir(ckpt_path):
-            raise SystemExit(f"init_from = 'resume' but {out_dir}/ckpt does not exist")
-        state, rstate = load_train_state(ckpt_path, rank, world)
+        if not is_checkpoint(ckpt_path):
+            raise SystemExit(f"init_from = 'resume' but {out_dir}/ckpt is not a checkpoint (no train_state.json and state/)")
+        with open(os.path.join(ckpt_path, 'train_state.json')) as f:
+            state = json.load(f)  # the run's original init, for grpo's reference
         config['init_from'] = ckpt_path
     tok = (Tokenizer.bytes_level() if config['init_from'] == 'scratch' else
            load_pretrained(config['init_from'], 'init_from', Tokenizer.load))
@@ -1050,7 +1256,7 @@ if __name__ == "__main__":
         infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if cuda else None).requires_grad_(False).eval()
     pad_id = eos_id  # padding is never read: every mask comes from lengths, never from token values
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
     param_dtype = torch.bfloat16 if cuda else None
     if ddp:
         model = shard(model, mesh, param_dtype)
@@ -1062,17 +1268,20 @@ if __name__ == "__main__":
         ref = (shard(ref, mesh, param_dtype) if ddp else ref).to(device)
     amp = lambda: torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()  # a new
     # context per use: an autocast object keeps its previous state when entered, so two threads must not share one
-    optimizer = AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+    params = dict(model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
+    optimizer = AdamW(params.values(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                       state_dtype=DTYPES[optim_dtype])
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    if rstate is not None:
-        load_optimizer_state(model, optimizer,  # mmap: each rank reads only its slices
-                             torch.load(os.path.join(ckpt_path, 'optimizer.pt'), weights_only=False, mmap=True))
+    if init_from == 'resume':
+        state, rstate = load_checkpoint(ckpt_path, params, optimizer, rank, world)
         if 'rng' in rstate:
-            torch.set_rng_state(rstate['rng'])
+            torch.set_rng_state(torch.tensor(rstate['rng'], dtype=torch.uint8))
         else:
             log(f"resume: {ckpt_path} was written by {state['world_size']} ranks, this run has {world}: weights and "
                 f"optimizer resharded; the cpu rng and an overlapped run's pending rollout start afresh")
+        if overlap and rstate.get('pending') is None:
+            log("resume: no finished rollout was saved (a stop abandons the one in flight): the first step generates "
+                "its own from the resumed weights")
     step, data_pos = state['step'], state['data_pos']
     n_params = sum(p.numel() for p in model.parameters())
     log(f"mode {mode} | {n_params / 1e6:.2f}M params | world {world} | device {device} | master {master_dtype}"
@@ -1100,6 +1309,7 @@ if __name__ == "__main__":
     else:
         prompts = [tok.encode_prompt(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
         log(f"data: {len(prompts)} rl prompts from {dataset}")
+    check_positions(config, model.config.max_position_embeddings, max(map(len, prompts)) if mode != 'sft' else 0)
     eos_ids = [eos_id]
 
     def optimizer_step(m: dict):
@@ -1113,7 +1323,9 @@ if __name__ == "__main__":
             if bad:
                 m.update(skipped=True, skip_reason=f"non-finite {' and '.join(bad)}")
             else:
-                optimizer.step()
+                with preempt.lock:  # a stop cannot write weights that are half updated
+                    preempt.finished = None
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sync()
 
@@ -1127,6 +1339,7 @@ if __name__ == "__main__":
         m, groups, rounds, t0 = {'t_reward': 0.0}, [], 0, time.time()
         n_gen = batch_size  # prompts this round: the batch, then only what dynamic sampling still lacks
         while True:
+            preempt.park()
             per_rank = n_gen // world
             idx = step_indices(len(prompts), n_gen, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
             data_pos += n_gen
@@ -1221,8 +1434,9 @@ if __name__ == "__main__":
                 optimizer_step(m)
             loss_sum, st_sum = torch.zeros((), device=device), {}
             for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
+                preempt.park()  # a stop under way: the step is abandoned, its cpu and gpu are the writer's
                 if ddp:
-                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                    model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
                 with phase('policy_loss_backward'), amp():
                     lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=it == 0,
                                         vocab=tok.n_vocab)
@@ -1272,9 +1486,9 @@ if __name__ == "__main__":
                 return out
             return threads.submit(background)
     pending = None  # overlap: the future of the next step's rollout (resumed: the checkpoint's finished one)
-    if overlap and rstate is not None and rstate.get('pending') is not None:
+    if overlap and rstate.get('pending') is not None:
         pending = Future()
-        pending.set_result(rstate['pending'])
+        pending.set_result(tuple(rstate['pending']))
 
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
     if master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo. atomic: a kill here
@@ -1286,10 +1500,16 @@ if __name__ == "__main__":
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    # preemption: SIGTERM or SIGINT asks for a checkpoint after the current step; all ranks agree on when
-    signals = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda num, frame: signals.append(num))
+
+    def save(step, state, rank_state, pg=None, stop=False):
+        save_checkpoint(out_dir, step, model, optimizer, tok, state, rank_state, rank, world, params=params, pg=pg,
+                        export=not stop, tmp='ckpt.stop.tmp' if stop else 'ckpt.tmp', link_lock=preempt.link_lock)
+        if stop:
+            log(f"step {step}: stopped by a signal; the last finished step is in {out_dir}/ckpt (--init_from=resume "
+                f"continues)")
+    preempt = Preemption(lambda *a: save(*a, stop=True), world, device)
+    preempt.saved = step
+    preempt.mark((step, dict(state, world_size=world, config=config), {'rng': torch.get_rng_state().tolist()}))
     skips, t_last = 0, time.time()
     while step < max_iters:
         lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters)
@@ -1306,8 +1526,9 @@ if __name__ == "__main__":
             norm = all_sum(sum(mk.sum() for _, _, mk in micro).to(device))  # global loss-token count, once
             loss_sum = torch.zeros((), device=device)
             for k, (ids, attn, mk) in enumerate(micro):
+                preempt.park()  # a stop under way: the step is abandoned, its cpu and gpu are the writer's
                 if ddp:
-                    model.set_requires_gradient_sync(k == len(micro) - 1)
+                    model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
                 ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
                 with phase('forward'), amp():
                     lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
@@ -1357,19 +1578,14 @@ if __name__ == "__main__":
         if skips > max_skips:
             raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = {max_skips}); "
                              f"stopping. the last checkpoint, {out_dir}/ckpt, holds finite weights")
-        stop = bool(signals)
-        if ddp:  # a signal may reach one rank only (or one first): the decision is collective, so none waits forever
-            flag = torch.tensor([float(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0  # host sync
-        if step % ckpt_interval == 0 or step == max_iters or stop:
-            state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
-                     'config': config}
-            save_checkpoint(out_dir, step, model, optimizer, tok, state, rank, world,
-                            pending=pending.result() if pending is not None else None)
-        if stop:
-            log(f"step {step}: stopped by a signal; checkpoint written to {out_dir}/ckpt (--init_from=resume continues)")
-            break
+        state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
+                 'config': config}
+        rank_state = {'rng': torch.get_rng_state().tolist()}
+        preempt.mark((step, state, rank_state))  # a stop from here on writes this step, without the rollout in flight
+        if step % ckpt_interval == 0 or step == max_iters:
+            save(step, state, dict(rank_state, pending=pending.result() if pending is not None else None))
+            preempt.saved = step
+        preempt.park()
     if overlap:
         threads.shutdown()
     if ddp:

@@ -1,6 +1,7 @@
 # stage 2, dapo: clip-higher 0.2/0.28, dynamic sampling, token-level loss, overlong penalty (-0.5, the seed's).
 #   torchrun --standalone --nproc_per_node=2 train.py config/dapo.py
-exec(open('config/grpo.py').read())
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'grpo.py')).read())
 out_dir = 'out-dapo'
 mode = 'dapo'
 beta = 0.0

@@ -1,7 +1,8 @@
 # the demo's rl stage: the task and model of config/demo.py, then 16 prompts x 8 samples per step.
 #   python train.py config/demo_rl.py --init_from=out-demo/sft/ckpt            (dapo)
 #   python train.py config/demo_rl.py --init_from=out-demo/sft/ckpt --mode=grpo
-exec(open('config/demo.py').read())
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'demo.py')).read())
 out_dir = 'out-demo/rl'
 mode = 'dapo'
 max_iters = 150  # the gain comes in the first 50-100 steps (README)

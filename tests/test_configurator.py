@@ -187,6 +187,11 @@ def test_overrides_silent_on_other_ranks(capsys, monkeypatch):
     (['--mode=ppo'], ['mode', 'ppo']),
     (['--batch_size=10', '--micro_batch_size=4'], ['batch_size (10)', '4']),
     (['--arith_task=columns'], ['arith_task', "'columns'", "'column'"]),
+    (['--R1_TAGS=hello'], ['unknown setting', 'R1_TAGS']),  # module globals are not settings
+    (['--MODES=(1,)'], ['unknown setting', 'MODES']),
+    (['--config_keys=[]'], ['unknown setting', 'config_keys']),
+    (['--learning_rate=-1'], ['learning_rate = -1', '>= 0']),
+    (['--beta2=1.5'], ['beta2 = 1.5', '[0, 1)']),
 ])
 def test_train_py_rejects_bad_settings(run_train, tmp_path, args, needles):
     p = run_train(['config/tiny.py', f'--out_dir={tmp_path / "out"}'] + args, check=False)
@@ -195,3 +200,11 @@ def test_train_py_rejects_bad_settings(run_train, tmp_path, args, needles):
     assert 'Traceback' not in err and len(err.splitlines()) == 1, err
     assert all(n in err for n in needles), err
     assert not (tmp_path / 'out').exists(), "a rejected config must not create out_dir"
+
+
+def test_train_py_rejects_more_tokens_than_the_model_has_positions(run_train, tmp_path):
+    p = run_train(['config/tiny.py', '--mode=dapo', '--max_new_tokens=100000', f'--out_dir={tmp_path / "out"}'],
+                  check=False)
+    err = p.stderr.strip()
+    assert p.returncode != 0 and 'Traceback' not in err and len(err.splitlines()) == 1, err
+    assert 'max_new_tokens = 100000' in err and 'the model has 4096' in err, err

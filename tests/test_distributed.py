@@ -171,7 +171,8 @@ def step_and_save(out_dir, step, model, opt, tok):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * step)  # a recognisable change per step
-    train.save_checkpoint(str(out_dir), step, model, opt, tok, {'step': step}, rank=0, world=1)
+    train.save_checkpoint(str(out_dir), step, model, opt, tok, {'step': step, 'world_size': 1}, {'rng': [1, 2]}, rank=0,
+                          world=1)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -237,9 +238,10 @@ def test_normal_save_moves_ckpt_and_removes_old(tiny, tmp_path):
     assert os.path.islink(tmp_path / 'ckpt') and os.readlink(tmp_path / 'ckpt') == 'ckpt_000002'  # relative: movable
     assert sorted(os.listdir(tmp_path)) == ['ckpt', 'ckpt_000002']
     assert_loads_as(str(tmp_path / 'ckpt'), w2, 2)
-    rs = torch.load(tmp_path / 'ckpt' / 'train_state_rank0.pt', weights_only=False)
-    osd = torch.load(tmp_path / 'ckpt' / 'optimizer.pt', weights_only=False)
-    assert rs['world_size'] == 1 and osd['param_groups'][0]['lr'] == 1e-3
-    # the moments by parameter name, full size: any world size can reshard them
-    name, p = next(iter(model.named_parameters()))
-    assert osd['state'][name]['m'].shape == p.shape and osd['state'][name]['step'] == 1
+    # the moments by parameter name, full size: any world size can reshard them; the rest is json
+    opt2 = train.AdamW(model.parameters(), lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, state_dtype=torch.float32)
+    state, rs = train.load_checkpoint(str(tmp_path / 'ckpt'), dict(model.named_parameters()), opt2, rank=0,
+                                      world=1)
+    assert state['world_size'] == 1 and rs == {'rng': [1, 2]} and opt2.param_groups[0]['lr'] == 1e-3
+    for p in model.parameters():
+        assert torch.equal(opt2.state[p]['m'], opt.state[p]['m']) and opt2.state[p]['step'] == 1

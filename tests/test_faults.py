@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 SFT = ['config/tiny.py', '--batch_size=16', '--micro_batch_size=4', '--ckpt_interval=1000']
@@ -161,7 +163,7 @@ def test_kill_soak(tmp_path):
             ck = os.path.realpath(tmp_path / 'ckpt')
             step = json.load(open(os.path.join(ck, 'train_state.json')))['step']
             load_file(os.path.join(ck, 'model.safetensors'))
-            torch.load(os.path.join(ck, 'optimizer.pt'), weights_only=False)
+            train.load_checkpoint_model(ck, torch.float32)
         else:
             step = 0
         where = ('during a checkpoint write' if writing else 'before its first step' if before <= last
@@ -176,3 +178,41 @@ def test_kill_soak(tmp_path):
     ref = tmp_path / 'ref'
     run([sys.executable, 'train.py'] + SFT + [f'--max_iters={n_steps}', f'--out_dir={ref}'])
     assert [m['loss'] for m in metrics(tmp_path)] == [m['loss'] for m in metrics(ref)]
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint from elsewhere is data: reading it never runs code
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+@pytest.mark.parametrize('target', ['state/.metadata', 'state/__0_0.distcp'])
+def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path, target):
+    import pickle
+    out, marker = tmp_path / 'out', tmp_path / 'pwned'
+    run([sys.executable, 'train.py'] + SFT + ['--max_iters=1', f'--out_dir={out}'])
+    with open(out / 'ckpt' / target, 'wb') as f:
+        pickle.dump(Payload(marker), f)
+    p = subprocess.run([sys.executable, 'train.py'] + SFT + ['--max_iters=2', f'--out_dir={out}', '--init_from=resume'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and not marker.exists(), p.stderr[-2000:]
+    assert err.startswith(f"{os.path.realpath(out / 'ckpt')}/state: not a readable checkpoint"), err
+    with pytest.raises(SystemExit, match='not a readable checkpoint'):
+        train.load_checkpoint_model(str(out / 'ckpt'), torch.float32)
+    assert not marker.exists()
+
+
+def test_nothing_the_project_reads_is_unpickled():
+    """the only unpickling left is torch.distributed.checkpoint's metadata, through train.MetadataUnpickler."""
+    import re
+    for name in ['train.py', 'eval.py', 'bench.py', 'demo.py', 'plot.py', 'rewards.py', 'configurator.py']:
+        src = open(os.path.join(ROOT, name)).read()
+        assert 'weights_only=False' not in src and not re.search(r'torch\.load\((?![^)]*weights_only=True)', src), name
+        assert not re.search(r'pickle\.loads?\(', src), name

@@ -95,7 +95,7 @@ def runs(sft_ckpt, tmp_path_factory):
 
 def pending_logprobs(ckpt, model_dir):
     """the checkpoint's pending rollout (recorded log-probs) and a full forward of model_dir over the same sequences."""
-    groups, _, _ = torch.load(os.path.join(ckpt, 'train_state_rank0.pt'), weights_only=False)['pending']
+    groups, _, _ = json.load(open(os.path.join(ckpt, 'rank0.json')))['pending']
     model = train.build_model({'init_from': model_dir, 'master_dtype': 'fp32'}, None).eval()
     prompts = [g['prompt'] for g in groups for _ in g['comps']]
     comps = [c for g in groups for c in g['comps']]

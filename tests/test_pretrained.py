@@ -113,3 +113,56 @@ def test_two_rl_steps_on_the_real_model(smollm, tmp_path, mode):
     m = [json.loads(line) for line in open(tmp_path / 'out' / 'metrics.jsonl')]
     assert [r['step'] for r in m] == [1, 2] and all(math.isfinite(r['loss']) for r in m), m
     assert ('kl' in m[0]) == (mode == 'grpo') and 'data: 8 rl prompts' in p.stdout
+
+
+def test_a_pretrained_model_is_built_to_train(smollm):
+    """from_pretrained returns eval mode, where HF never recomputes a checkpointed layer: build_model hands back train
+    mode, with no dropout (the update must score exactly what the sampler drew)."""
+    model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, None)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(getattr(m, 'attention_dropout', 0.0) == 0.0 for m in model.modules())
+
+
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+          "<|end_header_id|>\n\n{% endif %}")
+GEMMA = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+         "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.mark.parametrize('template,specials,want', [
+    (None, [], '<|im_end|>'),  # smollm2's own template
+    (LLAMA3, ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'], '<|eot_id|>'),
+    (GEMMA, ['<start_of_turn>', '<end_of_turn>'], '<end_of_turn>'),
+    ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", [], '<|im_end|>'),  # closes turns with no token: eos
+])
+def test_the_end_of_turn_token_comes_from_the_chat_template(smollm, template, specials, want):
+    tok = train.Tokenizer.load(smollm)
+    tok.hf.add_special_tokens({'additional_special_tokens': specials})
+    if template is not None:
+        tok.hf.chat_template = template
+    assert tok.default_eos('chat') == want and tok.default_eos('r1') == tok.hf.eos_token
+    assert tok.token_id(want) == tok.hf.convert_tokens_to_ids(want)
+
+
+@pytest.mark.parametrize('stop', ['eos', 'stop string'])
+def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
+    """real chat prompts, real sampling, pad id == end-of-turn id: the last token of every completion that stopped
+    (the end-of-turn token, or the last token of the stop string) is inside the loss mask, and nothing after it."""
+    tok = train.Tokenizer.load(smollm)
+    model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, tok).eval()
+    eos = tok.token_id(tok.default_eos('chat'))
+    prompts = [tok.encode_prompt(tok.hf.apply_chat_template([{'role': 'user', 'content': 'Say hello in one word.'}],
+                                                            tokenize=False, add_generation_prompt=True))]
+    stops = ['</answer>'] if stop == 'eos' else ['glad']  # the reply: "I'm glad you're enjoying the service. ..."
+    out = train.generate(model, prompts, n_samples=2, max_new_tokens=40, temperature=0.0, top_p=1.0, eos_ids=[eos],
+                         stop_strings=stops, tok=tok, pad_id=eos)
+    comps = [out['ids'][i, :int(n)].tolist() for i, n in enumerate(out['mask'].sum(-1))]
+    assert not out['truncated'].any(), [tok.decode(c) for c in comps]
+    for c in comps:
+        assert c[-1] == eos if stop == 'eos' else (c[-1] != eos and 'glad' in tok.decode(c[-1:])), tok.decode(c)
+    ids, attn, cm = train.collate_rl([p for p in prompts for _ in range(2)], comps, pad_id=eos)
+    for i, c in enumerate(comps):
+        assert cm[i].tolist() == [1.0] * len(c) + [0.0] * (cm.shape[1] - len(c))
+        assert ids[i, -cm.shape[1]:][len(c) - 1].item() == c[-1]  # the masked-in last target is the stop token

@@ -46,24 +46,24 @@ def test_group_sums_live_on_the_collective_device():
 # 2. a resume turned bf16 adam moments into fp32
 
 
-def adam_run(steps, resume_at=None):
+def adam_run(steps, path, resume_at=None):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 8, bias=False)
     w = model.weight
     opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
     for s in range(steps):
         if s == resume_at:  # a new optimizer from the saved state, as --init_from=resume builds it
-            sd = train.full_optimizer_state(model, opt, keep=True)
+            sd = train.save_state(path, {'weight': w}, opt)
             opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
-            train.load_optimizer_state(model, opt, sd)
+            train.load_state(path, {'weight': w}, opt, sd)
         w.grad = torch.sin(w.detach() * (s + 1))
         opt.step()
     return w.detach(), opt
 
 
-def test_adam_moments_keep_their_dtype_across_a_resume():
-    w_a, opt_a = adam_run(4)
-    w_b, opt_b = adam_run(4, resume_at=2)
+def test_adam_moments_keep_their_dtype_across_a_resume(tmp_path):
+    w_a, opt_a = adam_run(4, str(tmp_path / 'a'))
+    w_b, opt_b = adam_run(4, str(tmp_path / 'b'), resume_at=2)
     st = opt_b.state[opt_b.param_groups[0]['params'][0]]
     assert st['m'].dtype == torch.bfloat16 and st['v'].dtype == torch.bfloat16
     assert torch.equal(w_a, w_b), "the resumed run matches the uninterrupted one bit for bit"
