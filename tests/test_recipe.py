@@ -5,6 +5,7 @@ CPU needs (device, sizes, steps), the data (no hub here) and the chat template a
 tests/probe.py counts what no log shows: layers recomputed in backward, gradient bytes per rank.
 
     python -m pytest tests/test_recipe.py -q
+    RECIPE_DEVICE=cuda RECIPE_NPROC=1 python -m pytest tests/test_recipe.py -q    # gpu_check.sh, on one GPU
 """
 import json
 import math
@@ -21,9 +22,10 @@ import train
 from test_pretrained import OFFLINE, TEST, TRAIN, smollm  # noqa: F401 (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+DEVICE, NPROC = os.environ.get('RECIPE_DEVICE', 'cpu'), int(os.environ.get('RECIPE_NPROC', '2'))
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={NPROC}']
 PROBE = [os.path.join(ROOT, 'tests', 'probe.py'), os.path.join(ROOT, 'train.py')]
-CPU = ['--device=cpu', '--prompt_template=chat', '--ckpt_interval=1000']
+CPU = [f'--device={DEVICE}', '--prompt_template=chat', '--ckpt_interval=1000']
 SFT = [os.path.join(ROOT, 'config', 'sft.py'), f'--dataset={TRAIN}', '--batch_size=4', '--micro_batch_size=1',
        '--max_iters=2'] + CPU
 RL = [f'--dataset={TRAIN}', '--batch_size=2', '--group_size=4', '--micro_batch_size=1', '--max_new_tokens=16',
@@ -41,7 +43,7 @@ def metrics(path):
 
 
 def probes(cwd):
-    return [json.load(open(os.path.join(cwd, f'probe_rank{r}.json'))) for r in range(2)]
+    return [json.load(open(os.path.join(cwd, f'probe_rank{r}.json'))) for r in range(NPROC)]
 
 
 def assert_recomputed(cwd, what):
@@ -101,10 +103,11 @@ def test_each_rank_holds_the_planned_gradient_bytes(recipe):
     import configurator
     cfg = {k: getattr(train, k) for k in train.config_keys}
     configurator.configure(cfg, SFT + [f"--init_from={recipe['ref'] / 'out-sft' / 'ckpt'}"])
-    planned = bench.plan_memory(cfg, 2, bench.model_shape(cfg)[0], 24 * 2 ** 30, cuda=False)['components']['gradients']
-    for r, p in enumerate(probes(recipe['ref'])):  # after each of a rank's 2 micro-batches of each step
+    planned = bench.plan_memory(cfg, NPROC, bench.model_shape(cfg)[0], 24 * 2 ** 30,
+                                cuda=DEVICE == 'cuda')['components']['gradients']
+    for r, p in enumerate(probes(recipe['ref'])):  # after each of a rank's micro-batches of each of the 2 steps
         assert max(p['unsharded_grad_bytes']) == 0, p  # grad_sync 'micro': nobody holds a full gradient
-        assert len(p['sharded_grad_bytes']) == 4 and math.isclose(max(p['sharded_grad_bytes']), planned, rel_tol=0.01), \
+        assert len(p['sharded_grad_bytes']) == 2 * 4 // NPROC and math.isclose(max(p['sharded_grad_bytes']), planned, rel_tol=0.01), \
             (r, max(p['sharded_grad_bytes']), planned, p['n_params'])
 
 
@@ -123,7 +126,7 @@ def test_rl_from_the_sft_checkpoint(recipe, config, extra):
 def test_eval_reads_the_checkpoint_and_reports_both_scores(recipe):
     cwd = recipe['cwd']
     run(cwd, [os.path.join(ROOT, 'eval.py'), '--ckpt', 'out-sft', '--data', TEST, '--limit', '2', '--batch_size', '1',
-              '--max_new_tokens', '24', '--device', 'cpu'])
+              '--max_new_tokens', '24', '--device', DEVICE])
     s = json.load(open(cwd / 'out-sft' / 'ckpt' / 'eval' / 'summary.json'))['jsonl']
     assert s['n'] == 2 and 'pass@1_greedy' in s and 'flex_pass@1_greedy' in s
     assert s['flex_pass@1_greedy'] >= s['pass@1_greedy']
