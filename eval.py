@@ -259,13 +259,19 @@ def main(argv=None):
              AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)).to(args.device).eval()
     try:
         eos_ids = [tok.token_id(cfg['eos_token'] or tok.default_eos(cfg['prompt_template']))]
-    except ValueError as e:
-        raise SystemExit(f"--eos_token: {e}") from None
+    except ValueError as e:  # no single-token eos, or no chat template to read one from
+        raise SystemExit(f"--eos_token {cfg['eos_token']!r}, --prompt_template {cfg['prompt_template']!r}: {e}") from None
+    n_pos = model.config.max_position_embeddings
     out_dir = args.out or (os.path.join(path, 'eval') if args.ckpt else 'eval-out')
     os.makedirs(out_dir, exist_ok=True)
     summaries = {}
     names = ['gsm8k', 'math500'] if args.dataset == 'both' else [args.dataset]
     for ds, problems in [(ds, load_problems(argparse.Namespace(**{**vars(args), 'dataset': ds}), cfg)) for ds in names]:
+        longest = max(len(tok.encode_prompt(train.format_prompt(p['question'], cfg['prompt_template'], tok,
+                                                                cfg['system_prompt']))) for p in problems)
+        if longest + args.max_new_tokens > n_pos:  # never run past the model's positions, nor size a cache for it
+            raise SystemExit(f"--max_new_tokens {args.max_new_tokens} after the longest {ds} prompt ({longest} tokens) "
+                             f"needs {longest + args.max_new_tokens} positions; the model has {n_pos}")
         tag = results_tag(ds, args, cfg, eos_ids, dtype, path, out_dir)
         done = read_results(os.path.join(out_dir, f'results-{tag}.rank*.jsonl'))
         batches = [problems[s:s + args.batch_size] for s in range(0, len(problems), args.batch_size)]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval as ev
 import rewards
@@ -339,3 +340,24 @@ def test_error_is_one_line(sft, tmp_path, capsys, case):
     assert e.value.code != 0 and e.value.code is not None
     assert '\n' not in msg.strip() and all(w in msg for w in want), msg
     assert not os.path.exists(tmp_path / 'o' / 'summary.json')
+
+
+def test_results_name_every_input_that_changes_a_completion(tmp_path):
+    """a second quantization in the same dir (--gguf_file), a model retrained into the same dir, another stop token or
+    precision: another results file, never the first one's rows. --out, --k and --limit change no completion."""
+    import argparse
+    import time
+    model = tmp_path / 'model'
+    model.mkdir()
+    (model / 'a.gguf').write_bytes(b'a')
+    (model / 'config.json').write_text('{}')
+    ap = lambda **kw: argparse.Namespace(**{**dict(gguf_file='a.gguf', data='', out='', k='1,8', limit=0, n_samples=0,
+                                                  temperature=0.7, max_new_tokens=64, seed=0, engine='static'), **kw})
+    tag = lambda args=None, eos=(2,), dtype=torch.float32: ev.results_tag('gsm8k', args or ap(), {'prompt_template': 'chat'},
+                                                                       list(eos), dtype, str(model), str(tmp_path / 'out'))
+    first = tag()
+    assert tag(ap(out='elsewhere', k='1,2', limit=5)) == first
+    assert tag(ap(gguf_file='b.gguf')) != first and tag(eos=(3,)) != first and tag(dtype=torch.bfloat16) != first
+    time.sleep(0.01)
+    (model / 'a.gguf').write_bytes(b'b')  # retrained in place
+    assert tag() != first

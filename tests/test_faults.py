@@ -132,7 +132,7 @@ def test_sigterm_to_one_rank_stops_both(tmp_path):
     workers = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
     rank1 = [w for w in workers if 'RANK=1' in open(f'/proc/{w}/environ').read().split('\0')]
     assert len(rank1) == 1, workers
-    os.kill(int(rank1[0]), signal.SIGTERM)  # rank 0 is not told: it learns at the step's end, collectively
+    os.kill(int(rank1[0]), signal.SIGTERM)  # rank 0 is not told: it learns through the rendezvous store
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-2000:]
     k = len(metrics(tmp_path))
@@ -216,3 +216,15 @@ def test_nothing_the_project_reads_is_unpickled():
         src = open(os.path.join(ROOT, name)).read()
         assert 'weights_only=False' not in src and not re.search(r'torch\.load\((?![^)]*weights_only=True)', src), name
         assert not re.search(r'pickle\.loads?\(', src), name
+
+
+def test_an_entry_declared_as_bytes_is_refused_not_run(tmp_path):
+    """torch.distributed.checkpoint reads an entry its metadata declares as bytes with torch.load(weights_only=False):
+    a checkpoint whose 'model.x' is a pickled payload must be refused before anything is read."""
+    import torch.distributed.checkpoint as dcp
+    marker = tmp_path / 'pwned'
+    with train.single_process_ok():
+        dcp.save({'model.x': Payload(marker)}, checkpoint_id=str(tmp_path / 'state'), no_dist=True)
+    with pytest.raises(SystemExit, match='BytesStorageMetadata, which a checkpoint never holds'):
+        train.read_state(str(tmp_path / 'state'), {'model.x': torch.zeros(2)})
+    assert not marker.exists()
