@@ -156,7 +156,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     c = {'master weights': N * mb / W, 'gradients': N * mb / W,
          UNSYNCED: unsynced(cfg['micro_batch_size']), 'adam moments': 2 * N * ob / W,
          'reference (grpo)': N * (2 if cuda and fsdp else mb) / W if cfg['mode'] == 'grpo' and cfg['beta'] > 0 else 0,
-         'inference copy (overlap)': N * cb if rl and cfg['overlap'] else 0}
+         'inference copy (overlap)': N * (2 if cuda and fsdp else mb) if rl and cfg['overlap'] else 0}  # as the trainer
     temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
     c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
     # weights in compute precision: autocast caches a bf16 copy of every weight for the whole forward (and the lm_head's
@@ -192,7 +192,8 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
         b = n_prompts // W
         r = {'kv cache': L * 2 * s['Hkv'] * s['D'] * cb * (b * cfg['group_size'] * S + b * prompt_len),  # + prefill's
              'decode logits': b * cfg['group_size'] * V * (cb + 4 * 4),  # logits, fp32 copy, / T, log_softmax, probs
-             'rollout weights': 0 if cfg['overlap'] else N * cb if cuda or fsdp else 0}  # gathered | autocast cache
+             'rollout weights': (N * 2 if regime == 'autocast' else 0) if cfg['overlap']  # the copy's autocast cache
+             else N * cb if cuda or fsdp else 0}  # gathered | autocast cache
         return resident + sum(r.values()), r
 
     need = lambda b: b * (1 + ALLOWANCE[1]) + ALLOWANCE[0] * cuda  # on cpu: no context, the slack alone

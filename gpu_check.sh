@@ -30,6 +30,10 @@ OUT=$out python -m pytest -q tests/test_cuda.py 2>&1 | tail -15 | tee "$out/test
 # on SmolLM2-135M, one rank on the gpu (nccl, FSDP2's bf16 parameters)
 RECIPE_DEVICE=cuda RECIPE_NPROC=1 python -m pytest -q tests/test_recipe.py 2>&1 | tail -15 | tee "$out/test_recipe.txt"
 python train.py config/tiny.py --device=cuda --out_dir=/tmp/g-sft --max_iters=60 2>&1 | tail -2 | tee "$out/train.txt"
+# 40 overlapped dapo steps under torchrun: a rollout stream and a capture stream per step once drew from the pool nccl
+# uses (32 streams); both are made once now
+torchrun --standalone --nproc_per_node=1 train.py config/tiny.py --device=cuda --mode=dapo --init_from=/tmp/g-sft/ckpt \
+  --out_dir=/tmp/g-fsdp-dapo-40 --max_iters=40 --overlap=True 2>&1 | tail -1 | tee -a "$out/train.txt"
 for m in grpo dr_grpo dapo; do
   python train.py config/tiny.py --device=cuda --mode=$m --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-$m \
     --max_iters=3 --overlong=soft --overlong_buffer=40 2>&1 | tail -1 | tee -a "$out/train.txt"

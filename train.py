@@ -199,8 +199,8 @@ class Tokenizer:
                 if i in special:
                     return self.hf.convert_ids_to_tokens(i)
         if self.hf.eos_token is None:
-            raise ValueError("the tokenizer has no eos token and its chat template closes no turn with a special "
-                             "token: set eos_token")
+            raise ValueError("the tokenizer has no eos token" + (" and its chat template closes no turn with a special "
+                             "token" if template == 'chat' else '') + ": set eos_token")
         return self.hf.eos_token
 
     def save(self, path: str):
@@ -417,14 +417,35 @@ def load_pretrained(path: str, key: str, load):
                          f"(offline, only models already in the HF cache load): {str(e).splitlines()[0]}") from None
 
 
-def shard(model, mesh, param_dtype):
-    """FSDP2: one unit per decoder layer plus the root (embeddings and the tied lm_head share the root group)."""
+def shard(model, mesh, param_dtype, frozen: bool = False):
+    """FSDP2: one unit per decoder layer plus the root (embeddings and the tied lm_head share the root group). the
+    trained root stays gathered from forward to backward (fsdp2's own choice for a root, made explicit so that a
+    rollout's gathered() finds it and puts it back); a frozen model (grpo's reference) has no backward to reshard its
+    root, so it reshards after every forward, as the layers do."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=frozen)
     return model
+
+
+def choose_sdpa():
+    """attention kernels on gpus, chosen: cudnn's, torch's first choice on sm90, returns NaN grad_q under a padding
+    mask when seq_len % 128 == 64 (pytorch#196678, torch >= 2.11; trl#7181 on qwen2.5). flash takes no mask, so a
+    padded batch runs the memory-efficient kernel, and an unpadded one flash."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def inference_copy(model, device: str, cuda: bool, ddp: bool):
+    """the frozen copy an overlapped run generates from, computing exactly as the trainer does: under fsdp2 on gpus
+    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16; on one gpu the trainer runs its fp32 master
+    weights under bf16 autocast, where the embeddings and norms (not autocast) keep the residual stream fp32, so the
+    copy keeps the master dtype and runs under the same autocast (a bf16 copy put 4% of tokens outside the clip at
+    lr 0). its weights require grad only so that autocast caches their bf16 casts for a whole rollout, as it does
+    for the trainer's (it caches leaves that require grad); rollouts run under no_grad."""
+    infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if cuda and ddp else None).eval()
+    return infer.requires_grad_(cuda and not ddp)
 
 
 def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
@@ -605,6 +626,18 @@ def decode_step(model, tok, pos, slot, K, V, valid):
     return model.lm_head(rms(x, mm.norm))[:, 0]
 
 
+CAPTURE_STREAMS = {}
+
+
+def capture_stream(device) -> torch.cuda.Stream:
+    """one stream per gpu for every capture, made once (a new stream per rollout draws from the pool nccl also uses).
+    a graph replays its kernels at the priority of the stream it was captured on: high, as the overlap's side stream,
+    so decode steps are not queued behind a busy trainer."""
+    if device not in CAPTURE_STREAMS:
+        CAPTURE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return CAPTURE_STREAMS[device]
+
+
 def capture(fn, pool, stream):
     """fn() recorded as a CUDA graph -> (graph, its output). warm-up on the side stream first (torch notes on CUDA
     graphs): cuBLAS workspaces, kernel choice and autocast's weight casts must exist before capture."""
@@ -648,7 +681,7 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
     valid[:, :P] = attn.bool().repeat_interleave(G, 0)
     pos = attn.sum(-1).repeat_interleave(G)  # (N,) position of the token fed next
     tok, slot = torch.zeros(N, dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev)
-    pool, stream = (torch.cuda.graph_pool_handle(), torch.cuda.Stream()) if cuda else (None, None)
+    pool, stream = (torch.cuda.graph_pool_handle(), capture_stream(dev)) if cuda else (None, None)
     at = list(range(N))  # cache row of each live row, on the host; idx is the same on the device
     t, b, idx, graph, out = 0, N, torch.arange(N, device=dev), None, None
 
@@ -775,15 +808,25 @@ def gathered(model):
     no collective runs inside, so ranks whose rows stop at different lengths cannot hang."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # each group's own setting comes back on exit: the root's is to stay gathered from forward to backward (True
+    # would all-gather the embedding and lm_head again in the backward of every micro-batch)
+    was = [reshards_after_forward(m) for m in mods]
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield
     finally:
-        for m in mods:
+        for m, r in zip(mods, was):
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(r, recurse=False)
+
+
+def reshards_after_forward(m) -> bool:
+    """an FSDP2 module's setting, as set_reshard_after_forward takes it (fsdp2 keeps it as the mesh a forward leaves
+    the parameters on: None means they stay gathered)."""
+    group = m._get_fsdp_state()._fsdp_param_group
+    return group is not None and group.post_forward_mesh_info is not None
 
 
 @torch.no_grad()
@@ -899,7 +942,7 @@ class MetadataUnpickler(pickle.Unpickler):
     checkpoint from elsewhere cannot run code (the tensors themselves load with weights_only)."""
     SAFE = {('torch.distributed.checkpoint.metadata', n) for n in (
         'Metadata', 'MetadataIndex', 'ChunkStorageMetadata', 'TensorStorageMetadata', 'TensorProperties', 'StorageMeta',
-        'BytesStorageMetadata', '_MEM_FORMAT_ENCODING')} | {
+        '_MEM_FORMAT_ENCODING')} | {
         ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'), ('pathlib', 'PosixPath'),
         ('torch.serialization', '_get_layout')}
 
@@ -910,7 +953,8 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 def ckpt_reader(path: str):
-    """torch.distributed.checkpoint's file reader with the metadata read by MetadataUnpickler."""
+    """torch.distributed.checkpoint's file reader with the metadata read by MetadataUnpickler, which admits tensor
+    entries only: an entry declared as bytes would be read with an unrestricted torch.load."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -1003,8 +1047,12 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, s
                 os.remove(link + '.new')
             os.symlink(name, link + '.new')
             os.replace(link + '.new', link)  # atomic: ckpt names the old or the new checkpoint, never half of one
+            keep = {name}
+            if not export:  # a stop writes no HF export: the newest checkpoint that has one stays, for the hub
+                keep |= set(sorted(d for d in os.listdir(out_dir) if d.startswith('ckpt_')
+                                   and os.path.isfile(os.path.join(out_dir, d, 'model.safetensors')))[-1:])
             for d in os.listdir(out_dir):
-                if d.startswith('ckpt_') and d != name:  # only after the link moved
+                if d.startswith('ckpt_') and d not in keep:  # only after the link moved
                     shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
     if world > 1:
         dist.barrier(group=pg)
@@ -1049,9 +1097,13 @@ def read_state(path: str, tensors: dict):
 def load_state(path: str, params: dict, optimizer, adam: dict):
     """adam's moments from state/ into this rank's shards of them, in the optimizer's state dtype (no communication:
     each rank reads the pieces of the files it needs)."""
+    if unknown := sorted(set(adam['adam_steps']) - set(params)):
+        raise SystemExit(f"{path}: adam state for parameters this model does not have ({', '.join(unknown[:3])}): "
+                         f"a checkpoint of another model")
     for name, n in adam['adam_steps'].items():
-        z = lambda: torch.zeros_like(local(params[name]), dtype=optimizer.state_dtype)
-        optimizer.state[params[name]] = {'step': n, 'm': z(), 'v': z()}
+        p = local(params[name])
+        optimizer.state[params[name]] = {'step': n, 'm': torch.zeros_like(p, dtype=optimizer.state_dtype),
+                                         'v': torch.zeros_like(p, dtype=optimizer.state_dtype)}
     read_state(path, {k: v for k, v in ckpt_tensors(params, optimizer).items() if not k.startswith('model.')})
     for g, saved in zip(optimizer.param_groups, adam['adam_groups']):
         g.update({k: tuple(v) if k == 'betas' else v for k, v in saved.items()})
@@ -1076,54 +1128,69 @@ class Preemption:
     torchrun forwards a signal to every worker and kills them --shutdown_timeout (30 s) later; a step at 3B takes
     minutes, so nothing waits for it. the signal's C handler writes to a pipe, which wakes a thread on each rank even
     while the main thread sits in a collective; a signal that reached one rank only reaches the others through the
-    rendezvous store. the threads agree on the step over their own gloo group, while the main threads cannot change
-    the weights (the optimizer step holds `lock`), and write it with save(step, state, rank_state, pg). the rollout in
-    flight is regenerated on resume."""
+    rendezvous store. the threads agree over their own gloo group, while no main thread can change the weights (the
+    optimizer step holds `lock`), and write with save(step, state, rank_state, pg) unless out_dir/ckpt already holds
+    that step. the rollout in flight is regenerated on resume."""
 
-    def __init__(self, save, world: int, device: str):
+    def __init__(self, save, ddp: bool, device: str, log):
         self.lock, self.link_lock, self.stopping = threading.Lock(), threading.Lock(), threading.Event()
-        self.finished, self.saved = None, None  # (step, state, rank_state) of the last finished step; last linked step
-        self.save, self.world, self.device = save, world, device
-        self.group = dist.new_group(backend='gloo') if world > 1 else None
+        # (step, state, rank_state) of the last finished step (None while the weights change); the step out_dir/ckpt
+        # names. a periodic save of the finished step still under way when a stop comes is not waited for (it may wait
+        # on a rollout): the stop writes its own, and the half-written one is cleaned up by the next save
+        self.finished, self.saved = None, None
+        self.save, self.device, self.log = save, device, log
+        self.group = dist.new_group(backend='gloo') if ddp else None  # never the main thread's group
         self.store, self.key = None, f"reasoning-engine-stop-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        if world > 1:
+        if ddp:
             from datetime import timedelta
             self.store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
                                        timeout=timedelta(seconds=60))
         self.pipe, w = os.pipe()
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda num, frame: None)  # the pipe is what is read
-        threading.Thread(target=self._watch, daemon=True).start()
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the pipe is what is read; without the watcher, stop at once
+            signal.signal(sig, lambda num, frame: None if self.watcher.is_alive() else os._exit(128 + num))
+        self.watcher.start()
 
     def mark(self, finished):
         """called by the main thread: None while the weights change, (step, state, rank_state) once a step is done."""
         with self.lock:
             self.finished = finished
 
-    def _watch(self):
-        while not select.select([self.pipe], [], [], 0.5)[0]:
-            if self.store is not None and self.store.check([self.key]):
-                break
-        else:
+    def _signalled(self) -> bool:
+        if select.select([self.pipe], [], [], 0.5)[0]:
             if self.store is not None:
                 self.store.set(self.key, '1')
-        self.stopping.set()
+            return True
+        try:
+            return self.store is not None and self.store.check([self.key])
+        except (RuntimeError, OSError):  # the launcher's store is gone: this rank's own signals still work
+            self.store = None
+            return False
+
+    def _watch(self):
         code = 1
         try:
+            while not self._signalled():
+                pass
+            self.stopping.set()
             if self.device.startswith('cuda'):
                 torch.cuda.set_device(self.device)  # a new thread starts on gpu 0
             while True:
-                with self.lock:  # the main thread cannot start or finish an optimizer step meanwhile
-                    mine = self.finished[0] if self.finished is not None else None
-                    every = [mine] * self.world
-                    if self.world > 1:
+                with self.lock:  # no main thread can start or finish an optimizer step meanwhile
+                    mine = (self.finished[0] if self.finished is not None else None, self.saved)
+                    every = [mine]
+                    if self.group is not None:
+                        every = [None] * dist.get_world_size(self.group)
                         dist.all_gather_object(every, mine, group=self.group)
-                    if None not in every and len(set(every)) == 1:  # a rank one step behind catches up, then parks
+                    steps = {f for f, _ in every}
+                    if None not in steps and len(steps) == 1:  # a rank one step behind catches up, then parks
                         step, state, rank_state = self.finished
-                        if self.saved is None or step > self.saved:
+                        if any(v != step for _, v in every):  # decided alike on every rank
                             self.save(step, state, rank_state, self.group)
+                        elif step == 0:
+                            self.log("stopped before any step finished: nothing to write")
                         code = 0
                         break
                 time.sleep(0.1)
@@ -1131,10 +1198,12 @@ class Preemption:
             print(f"stop: the checkpoint could not be written: {type(e).__name__}: {e}", flush=True)
         os._exit(code)
 
-    def park(self):
+    def park(self, anywhere: bool = False):
         """the main thread, once a stop is under way, at a point of the step where it holds nothing the writer needs
-        (never between the gradient norm's all-reduce and the optimizer step): wait for the writer to end the process."""
-        while self.stopping.is_set() and self.finished is not None:  # not amid num_iterations > 1 optimizer steps
+        (never between the gradient norm's all-reduce and the optimizer step, nor amid num_iterations > 1 optimizer
+        steps): wait for the writer to end the process. anywhere: after a collective failed because a peer has
+        already exited."""
+        while self.stopping.is_set() and (anywhere or self.finished is not None):
             time.sleep(3600)
 
 
@@ -1235,6 +1304,8 @@ if __name__ == "__main__":
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
         mesh = init_device_mesh('cuda' if device.startswith('cuda') else 'cpu', (world,))
     cuda = device.startswith('cuda')
+    if cuda:
+        choose_sdpa()
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
 
@@ -1249,11 +1320,14 @@ if __name__ == "__main__":
         config['init_from'] = ckpt_path
     tok = (Tokenizer.bytes_level() if config['init_from'] == 'scratch' else
            load_pretrained(config['init_from'], 'init_from', Tokenizer.load))
-    eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
+    try:
+        eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
+    except ValueError as e:  # no single-token eos_token, or no chat template to read one from
+        raise SystemExit(f"config error: eos_token = {eos_token!r}, prompt_template = {prompt_template!r}: {e}") from None
     model = build_model(config, tok)
     infer = None  # overlap: the frozen copy rollouts generate from (bf16 on gpu); the optimizer never writes it
     if overlap:
-        infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if cuda else None).requires_grad_(False).eval()
+        infer = inference_copy(model, device, cuda, ddp)
     pad_id = eos_id  # padding is never read: every mask comes from lengths, never from token values
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
@@ -1265,7 +1339,7 @@ if __name__ == "__main__":
     if mode == 'grpo' and beta > 0:  # frozen, sharded like the policy, from the run's original init
         ref_cfg = dict(config, init_from=state['init_from'], master_dtype=ref_dtype(master_dtype, cuda, ddp))
         ref = build_model(ref_cfg, tok).requires_grad_(False).eval()
-        ref = (shard(ref, mesh, param_dtype) if ddp else ref).to(device)
+        ref = (shard(ref, mesh, param_dtype, frozen=True) if ddp else ref).to(device)
     amp = lambda: torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()  # a new
     # context per use: an autocast object keeps its previous state when entered, so two threads must not share one
     params = dict(model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
@@ -1387,7 +1461,7 @@ if __name__ == "__main__":
             n_gen = next_round_size(batch_size - sum(keep), sum(keep) / len(keep), batch_size, world)
         m['t_rollout'] = time.time() - t0 - m['t_reward']
         # statistics over all ranks, from everything generated (dapo's pool is already global)
-        sums, mx = group_sums(stat_groups, device)
+        sums, mx = group_sums(stat_groups, device if pg is None else 'cpu')  # pg: the background's gloo group
         if ddp and not (mode == 'dapo' and dynamic_sampling):
             dist.all_reduce(sums, group=pg)
             dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=pg)
@@ -1434,7 +1508,7 @@ if __name__ == "__main__":
                 optimizer_step(m)
             loss_sum, st_sum = torch.zeros((), device=device), {}
             for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
-                preempt.park()  # a stop under way: the step is abandoned, its cpu and gpu are the writer's
+                preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
                 if ddp:
                     model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
                 with phase('policy_loss_backward'), amp():
@@ -1466,8 +1540,11 @@ if __name__ == "__main__":
     # no tensor crosses streams but the copy, whose refresh the side stream waits for through an event.
     if overlap:
         from concurrent.futures import Future, ThreadPoolExecutor
-        threads, side = ThreadPoolExecutor(1), torch.cuda.Stream() if cuda else None
-        bg_group = dist.new_group(backend='nccl' if cuda else 'gloo') if ddp else None
+        # the side stream runs at high priority: a decode step is ~700 small kernels, which then slot in between the
+        # update's long GEMMs instead of queueing behind them (fsdp2's own communication streams are high priority too)
+        threads, side = ThreadPoolExecutor(1), torch.cuda.Stream(priority=-1) if cuda else None
+        # gloo: the background exchanges host data only, so it never runs a device collective beside the update's
+        bg_group = dist.new_group(backend='gloo') if ddp else None
         if not cuda:  # one intra-op thread per side, so the two do not fight for the cores
             torch.set_num_threads(max(1, torch.get_num_threads() // 2))
 
@@ -1477,6 +1554,8 @@ if __name__ == "__main__":
                 ev.record()  # after the refresh's copies on the main stream
 
             def background():
+                if cuda:
+                    torch.cuda.set_device(device)  # a new thread starts on gpu 0, where it would open a context
                 with phase('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     if cuda:
                         side.wait_event(ev)
@@ -1507,7 +1586,10 @@ if __name__ == "__main__":
         if stop:
             log(f"step {step}: stopped by a signal; the last finished step is in {out_dir}/ckpt (--init_from=resume "
                 f"continues)")
-    preempt = Preemption(lambda *a: save(*a, stop=True), world, device)
+    preempt = Preemption(lambda *a: save(*a, stop=True), ddp, device, log)
+    # a peer that stopped exits while this rank's main thread may sit in a collective with it: the failure that
+    # follows is no error, this rank's writer ends the process
+    sys.excepthook = lambda *exc: preempt.park(anywhere=True) or sys.__excepthook__(*exc)
     preempt.saved = step
     preempt.mark((step, dict(state, world_size=world, config=config), {'rng': torch.get_rng_state().tolist()}))
     skips, t_last = 0, time.time()
@@ -1526,7 +1608,7 @@ if __name__ == "__main__":
             norm = all_sum(sum(mk.sum() for _, _, mk in micro).to(device))  # global loss-token count, once
             loss_sum = torch.zeros((), device=device)
             for k, (ids, attn, mk) in enumerate(micro):
-                preempt.park()  # a stop under way: the step is abandoned, its cpu and gpu are the writer's
+                preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
                 if ddp:
                     model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
                 ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)

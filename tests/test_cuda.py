@@ -98,3 +98,21 @@ def test_memory_plan_matches_max_memory_allocated_at_3b(mode):
         f.write(f"{mode}: max_memory_allocated {got / 2 ** 30:.2f} GiB | planned {want / 2 ** 30:.2f} GiB | "
                 f"error {100 * (want / got - 1):+.1f}%\n")
     assert abs(want / got - 1) < 0.15, (want / 2 ** 30, got / 2 ** 30)
+
+
+@pytest.mark.parametrize('T', [192, 320])  # T % 128 == 64: where cudnn's attention returned NaN grad_q
+def test_padded_backward_is_finite_at_the_lengths_cudnn_broke(T):
+    """train.py's attention choice, a Qwen2.5-shaped head (128), left-padded rows of which one is almost all padding,
+    under bf16 autocast: every gradient finite."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    train.choose_sdpa()
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)).cuda()
+    ids = torch.randint(0, 512, (4, T), device='cuda')
+    attn = torch.ones_like(ids)
+    attn[1, :T // 2], attn[2, :T - 3], attn[3, :1] = 0, 0, 0
+    with torch.autocast('cuda', torch.bfloat16):
+        lp = train.token_logprobs(m, ids, attn, 32)
+    (lp * attn[:, -32:]).sum().backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in m.parameters())

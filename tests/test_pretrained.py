@@ -115,10 +115,17 @@ def test_two_rl_steps_on_the_real_model(smollm, tmp_path, mode):
     assert ('kl' in m[0]) == (mode == 'grpo') and 'data: 8 rl prompts' in p.stdout
 
 
-def test_a_pretrained_model_is_built_to_train(smollm):
+def test_a_pretrained_model_is_built_to_train(smollm, tmp_path):
     """from_pretrained returns eval mode, where HF never recomputes a checkpointed layer: build_model hands back train
-    mode, with no dropout (the update must score exactly what the sampler drew)."""
-    model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, None)
+    mode, with no dropout (the update must score exactly what the sampler drew), here from a config that sets some."""
+    import shutil
+    d = tmp_path / 'dropout'
+    shutil.copytree(smollm, d)
+    cfg = json.load(open(d / 'config.json'))
+    json.dump(dict(cfg, attention_dropout=0.1), open(d / 'config.json', 'w'))
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(str(d)).model.layers[0].self_attn.attention_dropout == 0.1
+    model = train.build_model({'init_from': str(d), 'master_dtype': 'fp32'}, None)
     assert model.training and all(m.training for m in model.modules())
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(getattr(m, 'attention_dropout', 0.0) == 0.0 for m in model.modules())
@@ -166,3 +173,27 @@ def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
     for i, c in enumerate(comps):
         assert cm[i].tolist() == [1.0] * len(c) + [0.0] * (cm.shape[1] - len(c))
         assert ids[i, -cm.shape[1]:][len(c) - 1].item() == c[-1]  # the masked-in last target is the stop token
+
+
+def test_the_overlap_copy_computes_as_the_trainer(smollm):
+    """one gpu, overlapped: the trainer runs fp32 master weights under bf16 autocast (embeddings and norms stay fp32);
+    the copy the rollouts come from must compute as the trainer's own rollout does, or the ratio absorbs the gap.
+    cpu autocast stands in for cuda's: the same seed draws the same tokens with the same log-probs from the copy as
+    from the model itself; a bf16 copy does not."""
+    import copy
+    tok = train.Tokenizer.load(smollm)
+    model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, tok).eval()
+    eos = tok.token_id(tok.default_eos('chat'))
+    prompts = [tok.encode_prompt(train.format_prompt(json.loads(line)['question'], 'chat', tok, 'You are a helpful '
+                                                     'assistant.')) for line in open(TEST)][:2]
+
+    def rollout(policy):
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+            return train.generate(policy, prompts, n_samples=2, max_new_tokens=24, temperature=1.0, top_p=1.0,
+                                  eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
+                                  generator=torch.Generator().manual_seed(0))
+    own, same = rollout(model), rollout(train.inference_copy(model, 'cpu', cuda=True, ddp=False))
+    bf16 = rollout(copy.deepcopy(model).to(torch.bfloat16).eval())
+    assert torch.equal(own['ids'], same['ids']) and torch.equal(own['logprobs'], same['logprobs'])
+    gap = ((own['logprobs'] - bf16['logprobs']).abs() * own['mask']).sum() / own['mask'].sum()
+    assert not torch.equal(own['ids'], bf16['ids']) or gap > 1e-3, gap  # what it was
