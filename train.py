@@ -933,8 +933,9 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
 #   train_state.json  counters, settings, adam's step counts; rank{r}.json: that rank's rng and pending rollout
 #   config.json, tokenizer files, model.safetensors: a HF model dir for eval.py and the hub (a stop writes no
 #                     model.safetensors: the weights are in state/)
-# only tensors and json: loading a checkpoint never unpickles anything. written to a .tmp dir, renamed, then the
-# link is swapped atomically.
+# only tensors (read with weights_only) and json, and DCP's pickled .metadata, read by an unpickler that admits only
+# the classes metadata is made of: a checkpoint cannot run code. written to a .tmp dir, renamed, then the link is
+# swapped atomically.
 
 
 class MetadataUnpickler(pickle.Unpickler):
