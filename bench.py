@@ -159,12 +159,13 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
          'inference copy (overlap)': N * (2 if cuda and fsdp else mb) if rl and cfg['overlap'] else 0}  # as the trainer
     temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
     c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
-    # weights in compute precision: autocast caches a bf16 copy of every weight for the whole forward (and the lm_head's
-    # stays saved for backward); fsdp2 keeps the root (embedding = tied lm_head) gathered from forward to backward and
-    # ~2 layers at a time (current + prefetch), plus a layer's unsharded grads and their fp32 reduce-scatter input
+    # weights in compute precision: autocast caches a bf16 copy of every weight for a whole step's micro-batches
+    # (train.py's `casts`), plus a layer's recast in the recompute (autograd's device thread has its own cache); fsdp2
+    # keeps the root (embedding = tied lm_head) gathered from forward to backward and ~2 layers at a time (current +
+    # prefetch), plus a layer's unsharded grads and their fp32 reduce-scatter input
     emb = V * h * cb
     cw_fwd = N * 2 if regime == 'autocast' else emb + 2 * Lp * cb if fsdp else 0
-    cw_bwd = emb + Lp * 2 if regime == 'autocast' else emb + 2 * Lp * cb + Lp * (cb + 4) if fsdp else 0
+    cw_bwd = N * 2 + Lp * 2 if regime == 'autocast' else emb + 2 * Lp * cb + Lp * (cb + 4) if fsdp else 0
     layer_b, resid_b, head_b = act_bytes(s, regime, mb)
     resident = (c['master weights'] + c['adam moments'] + c['reference (grpo)'] + c['inference copy (overlap)'])
     T = prompt_len + cfg['max_new_tokens'] if rl else cfg['max_seq_len']
@@ -398,10 +399,11 @@ def bench_train(model, tok, args) -> dict:
 
     def step():
         t0 = time.perf_counter()
-        for _ in range(args.accum):
-            with autocast:
-                loss = -train.token_logprobs(model, ids, attn, T - 1, 1.0, 256, vocab=tok.n_vocab).mean()
-            loss.backward()
+        with torch.autocast(args.device.split(':')[0], enabled=False):  # train.py's `casts`: one cast per step
+            for _ in range(args.accum):
+                with autocast:
+                    loss = -train.token_logprobs(model, ids, attn, T - 1, 1.0, 256, vocab=tok.n_vocab).mean()
+                loss.backward()
         sync()
         t1 = time.perf_counter()
         opt.step()

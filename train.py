@@ -23,6 +23,7 @@ detached, so the ratio is exactly 1 (the loss is ~0; the gradient is not; watch 
 step N+1 is generated from theta_N (a frozen inference copy) while update N runs, one step off-policy: the old
 log-probs are the engine's sampling log-probs under theta_N, so the clipped ratio corrects for the lag.
 """
+import atexit
 import contextlib
 import copy
 import inspect
@@ -121,6 +122,7 @@ device = 'cuda'  # 'cuda' | 'cpu'
 seed = 1337
 activation_checkpointing = True  # recompute each decoder layer in backward
 logprob_chunk = 256  # positions per fp32 log-softmax chunk (never a (B, T, V) fp32 tensor)
+autocast = 'auto'  # 'auto': bf16 autocast on one gpu, off elsewhere (fsdp2 on gpus computes in bf16 parameters) | 'bf16' | 'off'
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list))]
 MODES = ('sft', 'grpo', 'dr_grpo', 'dapo')
@@ -437,15 +439,15 @@ def choose_sdpa():
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def inference_copy(model, device: str, cuda: bool, ddp: bool):
+def inference_copy(model, device: str, bf16: bool, amp: bool):
     """the frozen copy an overlapped run generates from, computing exactly as the trainer does: under fsdp2 on gpus
-    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16; on one gpu the trainer runs its fp32 master
-    weights under bf16 autocast, where the embeddings and norms (not autocast) keep the residual stream fp32, so the
-    copy keeps the master dtype and runs under the same autocast (a bf16 copy put 4% of tokens outside the clip at
-    lr 0). its weights require grad only so that autocast caches their bf16 casts for a whole rollout, as it does
-    for the trainer's (it caches leaves that require grad); rollouts run under no_grad."""
-    infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if cuda and ddp else None).eval()
-    return infer.requires_grad_(cuda and not ddp)
+    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16; under autocast (one gpu) the trainer runs
+    its fp32 master weights in bf16 matmuls, where the embeddings and norms (not autocast) keep the residual stream
+    fp32, so the copy keeps the master dtype and runs under the same autocast (a bf16 copy put 4% of tokens outside
+    the clip at lr 0). under autocast its weights require grad only so that their bf16 casts are cached for a whole
+    rollout, as the trainer's are (autocast caches leaves that require grad); rollouts run under no_grad."""
+    infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if bf16 else None).eval()
+    return infer.requires_grad_(amp)
 
 
 def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
@@ -834,8 +836,8 @@ def refresh(infer, model):
     """copy the policy's weights into the inference copy. under fsdp2 each full_tensor is an all-gather: every rank
     calls this at the same point of the step, from the main thread, so the collectives line up."""
     dst = dict(infer.named_parameters())
-    for name, p in model.named_parameters():
-        dst[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+    for name, p in model.named_parameters():  # cast before the gather: a bf16 copy moves half the bytes
+        dst[name].copy_(p.to(dst[name].dtype).full_tensor() if isinstance(p, DTensor) else p)
 
 
 # -----------------------------------------------------------------------------
@@ -1134,7 +1136,8 @@ class Preemption:
     that step. the rollout in flight is regenerated on resume."""
 
     def __init__(self, save, ddp: bool, device: str, log):
-        self.lock, self.link_lock, self.stopping = threading.Lock(), threading.Lock(), threading.Event()
+        self.lock, self.link_lock = threading.Lock(), threading.Lock()
+        self.stopping, self.closed = threading.Event(), threading.Event()
         # (step, state, rank_state) of the last finished step (None while the weights change); the step out_dir/ckpt
         # names. a periodic save of the finished step still under way when a stop comes is not waited for (it may wait
         # on a rollout): the stop writes its own, and the half-written one is cleaned up by the next save
@@ -1153,6 +1156,14 @@ class Preemption:
         for sig in (signal.SIGTERM, signal.SIGINT):  # the pipe is what is read; without the watcher, stop at once
             signal.signal(sig, lambda num, frame: None if self.watcher.is_alive() else os._exit(128 + num))
         self.watcher.start()
+        atexit.register(self.close)  # also on an error's exit
+
+    def close(self):
+        """end the watcher before the interpreter does: python 3.11 ends a daemon thread that returns from a c++ call
+        (the store's check) during shutdown by unwinding it through a noexcept destructor, which aborts the process.
+        a stop already under way is waited for: its writer ends the process."""
+        self.closed.set()
+        self.watcher.join()
 
     def mark(self, finished):
         """called by the main thread: None while the weights change, (step, state, rank_state) once a step is done."""
@@ -1174,7 +1185,8 @@ class Preemption:
         code = 1
         try:
             while not self._signalled():
-                pass
+                if self.closed.is_set():
+                    return
             self.stopping.set()
             if self.device.startswith('cuda'):
                 torch.cuda.set_device(self.device)  # a new thread starts on gpu 0
@@ -1252,6 +1264,9 @@ def validate(c: dict, world: int):
          f"prompt_template = {c['prompt_template']!r}, expected 'r1', 'chat' or a string containing '{{question}}'")
     need(c['prompt_template'] != 'chat' or c['init_from'] != 'scratch',
          "prompt_template = 'chat' needs a tokenizer with a chat template; init_from = 'scratch' has none")
+    need(c['autocast'] in ('auto', 'bf16', 'off'), f"autocast = {c['autocast']!r}, expected 'auto', 'bf16' or 'off'")
+    need(c['autocast'] != 'bf16' or world == 1 or not c['device'].startswith('cuda'),
+         "autocast = 'bf16' under fsdp2 on gpus: its parameters already compute in bf16 (use 'auto')")
     need(c['grad_sync'] in ('micro', 'step'), f"grad_sync = {c['grad_sync']!r}, expected 'micro' or 'step'")
     need(c['engine'] in ('static', 'hf'), f"engine = {c['engine']!r}, expected 'static' or 'hf'")
     need(c['overlong'] in ('auto', 'none', 'fixed', 'soft'),
@@ -1326,9 +1341,10 @@ if __name__ == "__main__":
     except ValueError as e:  # no single-token eos_token, or no chat template to read one from
         raise SystemExit(f"config error: eos_token = {eos_token!r}, prompt_template = {prompt_template!r}: {e}") from None
     model = build_model(config, tok)
+    amp_on = autocast == 'bf16' or (autocast == 'auto' and cuda and not ddp)
     infer = None  # overlap: the frozen copy rollouts generate from (bf16 on gpu); the optimizer never writes it
     if overlap:
-        infer = inference_copy(model, device, cuda, ddp)
+        infer = inference_copy(model, device, bf16=cuda and ddp, amp=amp_on)
     pad_id = eos_id  # padding is never read: every mask comes from lengths, never from token values
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
@@ -1339,10 +1355,15 @@ if __name__ == "__main__":
     ref = None
     if mode == 'grpo' and beta > 0:  # frozen, sharded like the policy, from the run's original init
         ref_cfg = dict(config, init_from=state['init_from'], master_dtype=ref_dtype(master_dtype, cuda, ddp))
-        ref = build_model(ref_cfg, tok).requires_grad_(False).eval()
+        ref = build_model(ref_cfg, tok).requires_grad_(amp_on).eval()  # autocast caches casts of leaves needing grad
         ref = (shard(ref, mesh, param_dtype, frozen=True) if ddp else ref).to(device)
-    amp = lambda: torch.autocast('cuda', torch.bfloat16) if cuda and not ddp else contextlib.nullcontext()  # a new
-    # context per use: an autocast object keeps its previous state when entered, so two threads must not share one
+    amp = lambda: torch.autocast(device.split(':')[0], torch.bfloat16) if amp_on else contextlib.nullcontext()  # a new
+    # context per use: an autocast object keeps its previous state when entered, so two threads must not share one.
+    # autocast drops its cached bf16 weight casts when the outermost autocast context exits: `casts` spans what runs
+    # on unchanged weights (a step's micro-batches, a rollout's rounds), so each weight is cast once there, not per
+    # micro-batch and again in its recompute (on cpu; a gpu recomputes in autograd's device thread, which casts anew).
+    # it computes nothing in autocast itself, and ends before any optimizer step (a cached cast would be stale)
+    casts = lambda: torch.autocast(device.split(':')[0], enabled=False) if amp_on else contextlib.nullcontext()
     params = dict(model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
     optimizer = AdamW(params.values(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                       state_dtype=DTYPES[optim_dtype])
@@ -1495,7 +1516,7 @@ if __name__ == "__main__":
         n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
         n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
         norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
-        with torch.no_grad(), phase('old_logprobs'), amp():
+        with torch.no_grad(), phase('old_logprobs'), amp():  # one context: each weight cast once
             for mb in micro:
                 if not overlap and num_iterations > 1:  # mu = 1 takes them from the update's own first forward
                     mb[4] = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
@@ -1508,23 +1529,24 @@ if __name__ == "__main__":
             if it > 0:
                 optimizer_step(m)
             loss_sum, st_sum = torch.zeros((), device=device), {}
-            for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
-                preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
-                if ddp:
-                    model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
-                with phase('policy_loss_backward'), amp():
-                    lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=it == 0,
-                                        vocab=tok.n_vocab)
-                    if it == 0:  # the entropy of the policy the batch is scored under, once per step
-                        lp, ent = lp
-                        ent_sum += (ent * cm).sum()
-                    loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=mode, ref_logprobs=rlp,
-                                           beta=beta, eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
-                (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
-                loss_sum += loss.detach()
-                w = cm.sum()
-                for key, v in st.items():  # token-weighted across micro-batches
-                    st_sum[key] = st_sum.get(key, 0) + v * w
+            with casts():  # each weight cast once per optimizer step; the optimizer step is outside
+                for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
+                    preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
+                    if ddp:
+                        model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
+                    with phase('policy_loss_backward'), amp():
+                        lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=it == 0,
+                                            vocab=tok.n_vocab)
+                        if it == 0:  # the entropy of the policy the batch is scored under, once per step
+                            lp, ent = lp
+                            ent_sum += (ent * cm).sum()
+                        loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=mode, ref_logprobs=rlp,
+                                               beta=beta, eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
+                    (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                    loss_sum += loss.detach()
+                    w = cm.sum()
+                    for key, v in st.items():  # token-weighted across micro-batches
+                        st_sum[key] = st_sum.get(key, 0) + v * w
         m['loss'] = all_sum(loss_sum)
         for key, v in st_sum.items():
             m[key] = all_sum(v) / n_tok
@@ -1560,7 +1582,8 @@ if __name__ == "__main__":
                 with phase('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     if cuda:
                         side.wait_event(ev)
-                    out = rollout(step, data_pos, infer, bg_group)
+                    with casts():  # autocast's cache is per thread
+                        out = rollout(step, data_pos, infer, bg_group)
                     if cuda:
                         side.synchronize()
                 return out
@@ -1608,22 +1631,24 @@ if __name__ == "__main__":
                      for s in range(0, per_rank, micro_batch_size)]
             norm = all_sum(sum(mk.sum() for _, _, mk in micro).to(device))  # global loss-token count, once
             loss_sum = torch.zeros((), device=device)
-            for k, (ids, attn, mk) in enumerate(micro):
-                preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
-                if ddp:
-                    model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
-                ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
-                with phase('forward'), amp():
-                    lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
-                    loss = -(lp * mk).sum() / norm
-                with phase('backward'):
-                    (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
-                loss_sum += loss.detach()
+            with casts():  # each weight cast once per optimizer step
+                for k, (ids, attn, mk) in enumerate(micro):
+                    preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
+                    if ddp:
+                        model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
+                    ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
+                    with phase('forward'), amp():
+                        lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
+                        loss = -(lp * mk).sum() / norm
+                    with phase('backward'):
+                        (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                    loss_sum += loss.detach()
             m['loss'] = all_sum(loss_sum)
             m['tokens'] = all_sum(sum(a.sum() for _, a, _ in micro).to(device))
             optimizer_step(m)
         elif not overlap:
-            groups, mr, data_pos = rollout(step, data_pos, model)
+            with casts():
+                groups, mr, data_pos = rollout(step, data_pos, model)
             m.update(mr)
             with phase('policy_update'):
                 update(groups, m)
@@ -1671,5 +1696,6 @@ if __name__ == "__main__":
         preempt.park()
     if overlap:
         threads.shutdown()
+    preempt.close()
     if ddp:
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """run a script as __main__ (train.py, under torchrun too) and record per rank what a run does not print: decoder
 layers run forward with grad and recomputed in backward (activation checkpointing at work), and the gradient bytes
-the rank holds after each backward, its own shards apart from FSDP2's unsharded accumulation. written at exit to
+the rank holds after each backward, its own shards apart from FSDP2's unsharded accumulation; with PROBE_CASTS=1,
+how often each parameter is cast from fp32 to bf16 (autocast's weight casts). written at exit to
 probe_rank{RANK}.json in the working directory.
 
     python tests/probe.py train.py config/tiny.py --device=cpu
@@ -14,6 +15,7 @@ import sys
 import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 seen = {'forwards': 0, 'recomputed': 0, 'sharded_grad_bytes': [], 'unsharded_grad_bytes': [], 'n_params': 0}
@@ -60,6 +62,18 @@ def grad_bytes(self, *args, **kwargs):
              and fp._unsharded_param.grad is not None else 0) for fp in fsdp))
 
 
+class Casts(TorchDispatchMode):
+    """counts fp32 -> bf16 copies of parameters, keyed by storage (the optimizer updates in place)."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if (func is torch.ops.aten._to_copy.default and isinstance(x, torch.nn.Parameter)
+                and x.dtype == torch.float32 and kwargs.get('dtype') == torch.bfloat16):
+            key = str(x.data_ptr())
+            seen['casts'][key] = seen['casts'].get(key, 0) + 1
+        return func(*args, **kwargs)
+
+
 def write():
     with open(f"probe_rank{os.environ.get('RANK', '0')}.json", 'w') as f:
         json.dump(seen, f)
@@ -70,4 +84,9 @@ FSDPModule.set_requires_gradient_sync, torch.Tensor.backward = set_sync, grad_by
 atexit.register(write)
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
-runpy.run_path(sys.argv[0], run_name='__main__')
+if os.environ.get('PROBE_CASTS'):
+    seen['casts'] = {}
+    with Casts():
+        runpy.run_path(sys.argv[0], run_name='__main__')
+else:
+    runpy.run_path(sys.argv[0], run_name='__main__')

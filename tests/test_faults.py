@@ -139,6 +139,21 @@ def test_sigterm_to_one_rank_stops_both(tmp_path):
     assert k < 400 and json.load(open(tmp_path / 'ckpt' / 'train_state.json'))['step'] == k
 
 
+def test_the_stop_watcher_ends_before_the_interpreter(tmp_path):
+    # a daemon thread still alive when python 3.11 shuts down is ended inside its next c++ call, which aborts the
+    # process ("terminate called without an active exception", SIGABRT): seen once in ci at the end of a finished run.
+    # a hook registered before the Preemption runs after its close, and must find no watcher left; an error's exit too
+    script = (f"import atexit, sys, threading; sys.path.insert(0, {ROOT!r})\n"
+              "atexit.register(lambda: print('alive at exit:', [t.name for t in threading.enumerate() if t.daemon]))\n"
+              "import train\n"
+              "p = train.Preemption(lambda *a: None, False, 'cpu', print)\n"
+              "assert p.watcher.is_alive()\n"
+              "if sys.argv[1] == 'error': raise SystemExit('config error: x')\n")
+    for how, code in (('finished', 0), ('error', 1)):
+        p = subprocess.run([sys.executable, '-c', script, how], env=ENV, capture_output=True, text=True, timeout=60)
+        assert p.returncode == code and 'alive at exit: []' in p.stdout, (how, p.returncode, p.stdout, p.stderr[-2000:])
+
+
 # -----------------------------------------------------------------------------
 # kill soak: SIGKILL at seeded random moments, checkpoints every step, resume until done
 
