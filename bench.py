@@ -1,5 +1,6 @@
-"""bench.py: rollout tokens/s against model.generate, training-step throughput, MFU and peak memory, time per rl
-phase, and a memory planner (will a config fit, and what would).
+"""bench.py: rollout tokens/s against model.generate and sampling's share of a decode step, training-step throughput,
+MFU and peak memory, time per rl phase, rl steps sequential vs overlapped (and their decode tokens/s), and a memory
+planner (will a config fit, and what would).
 
     python bench.py                                   # tiny scratch model on CPU
     python bench.py --preset qwen3b --device cuda     # random-weight Qwen2.5-3B-shaped model, real sizes
@@ -61,6 +62,12 @@ def bandwidth_share(tok_s: float, rows: int, ctx: float, weight_bytes: int, kv_b
     """share of peak_bw that tok_s uses: (weight bytes + rows x ctx x KV bytes) per step x steps/s / peak_bw.
     ctx: KV slots each row reads per step (the static engine attends over its whole window, prompt + new tokens)."""
     return (weight_bytes + rows * ctx * kv_bytes_per_token) * (tok_s / rows) / peak_bw
+
+
+def card_bw(cuda: bool, card: str) -> float | None:
+    """PEAK_BW of the cuda device (its name), else of --card; None for a card not in the table"""
+    name = torch.cuda.get_device_name() if cuda else card
+    return next((v for k, v in PEAK_BW.items() if k in name), None)
 
 
 # -----------------------------------------------------------------------------
@@ -335,13 +342,13 @@ def bench_rollout(model, tok, args) -> dict:
     else:
         prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
         eos = []
-    n_tok = {}
+    n_tok, n_steps = {}, {}
 
     def ours(engine):
         out = train.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens,
                              temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=[], tok=tok, pad_id=0,
                              generator=torch.Generator(device=args.device).manual_seed(0), engine=engine)
-        n_tok[engine] = int(out['mask'].sum())
+        n_tok[engine], n_steps[engine] = int(out['mask'].sum()), int(out['mask'].sum(-1).max())  # host sync
 
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=args.device)
@@ -362,8 +369,17 @@ def bench_rollout(model, tok, args) -> dict:
     r = {'engine_tok_s': n_tok['static'] / t['static'], 'slow_tok_s': n_tok['hf'] / t['hf'],
          'generate_tok_s': n_hf[0] / t_hf, 'engine_tokens': n_tok['static'], 'generate_tokens': n_hf[0]}
     r['speedup'], r['vs_slow'] = r['engine_tok_s'] / r['generate_tok_s'], r['engine_tok_s'] / r['slow_tok_s']
-    name = torch.cuda.get_device_name() if args.device.startswith('cuda') else args.card
-    bw = next((v for k, v in PEAK_BW.items() if k in name), None)
+    # sampling's share of a decode step (issue 21, finding 9): train.sample alone, eager over the full vocabulary, on
+    # fp32 logits of the rollout's (N, V), against the engine's time per step (prefill included: <1% at 512 tokens)
+    N, V = len(prompts) * args.group_size, model.config.vocab_size
+    logits = torch.randn(N, V, device=args.device)
+    logits[:, tok.n_vocab:] = -float('inf')  # as generate masks the padded embedding rows
+    gen, k = torch.Generator(device=args.device).manual_seed(0), 20  # k calls a timing: one is ~1 ms on a gpu
+    r['sampling_ms'] = timed(lambda: [train.sample(logits, 1.0, 1.0, gen) for _ in range(k)], args.repeats,
+                             args.device) / k * 1000
+    r['step_ms'] = t['static'] / n_steps['static'] * 1000
+    r['sampling_share'], r['shape'] = r['sampling_ms'] / r['step_ms'], (N, V)
+    bw = card_bw(args.device.startswith('cuda'), args.card)
     if bw:  # rows run to the end without eos (random weights): exact; with early stops an upper estimate
         w, kv = decode_bytes(model.config, next(model.parameters()).element_size())
         rows, ctx = len(prompts) * args.group_size, max(map(len, prompts)) + args.new_tokens
@@ -431,18 +447,20 @@ def bench_train(model, tok, args) -> dict:
     return out
 
 
-def run_steps(train_args: list[str]) -> list[dict]:
-    """train.py's own loop in this process (runpy) -> its metrics.jsonl rows but the first (warm-up: kernel choice,
-    allocator, an overlapped run's first rollout that nothing hides)"""
+def run_steps(train_args: list[str], read=lambda g: None) -> tuple[list[dict], object]:
+    """train.py's own loop in this process (runpy) -> (its metrics.jsonl rows but the first (warm-up: kernel choice,
+    allocator, an overlapped run's first rollout that nothing hides), read(train.py's globals after the run)): what
+    the caller needs of the run, never the namespace, which would keep its model and optimizer through the next run"""
     out, n_threads = tempfile.mkdtemp(prefix='bench-rl-'), torch.get_num_threads()
     sys.argv = ['train.py'] + train_args + [f'--out_dir={out}', '--log_interval=100000', '--ckpt_interval=100000']
+    path = os.path.join(os.path.dirname(os.path.abspath(train.__file__)), 'train.py')
     with contextlib.redirect_stdout(io.StringIO()):
-        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), 'train.py'), run_name='__main__')
+        g = runpy.run_path(path, run_name='__main__')
     torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
     with open(os.path.join(out, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f][1:]
     shutil.rmtree(out)
-    return rows
+    return rows, read(g)
 
 
 RL_PHASES = {'rollout': ('t_rollout',), 'reward': ('t_reward',), 'advantages': ('t_adv',),
@@ -453,7 +471,7 @@ RL_PHASES = {'rollout': ('t_rollout',), 'reward': ('t_reward',), 'advantages': (
 def bench_rl(train_args: list[str]) -> dict:
     """mean ms per phase of train.py's rl steps (metrics.jsonl: each phase waits for its own gpu work) and of the whole
     step (means, so the phases add up to it); 'other' is what no phase covers (statistics' all-reduces, logging)"""
-    rows = [m for m in run_steps(train_args) if 't_update' in m]  # a dapo step without signal skips its update
+    rows = [m for m in run_steps(train_args)[0] if 't_update' in m]  # a dapo step without signal skips its update
     mean = lambda f: statistics.fmean(map(f, rows)) if rows else float('nan')
     r = {k: mean(lambda m: 1000 * sum(m[x] for x in keys)) for k, keys in RL_PHASES.items()}
     r['step'] = mean(lambda m: m['time_ms'])
@@ -461,13 +479,27 @@ def bench_rl(train_args: list[str]) -> dict:
     return r | {'steps': len(rows)}
 
 
-def bench_overlap(train_args: list[str], repeats: int) -> dict:
+def bench_overlap(train_args: list[str], repeats: int, card: str) -> dict:
     """train.py's rl loop, sequential then overlapped, alternating, in this process: per-phase medians over all steps
-    but each run's first"""
+    but each run's first. decode tok/s: the rollout's tokens (len_mean x rows) / t_rollout, over the steps of one
+    generation round (metrics.jsonl does not say how many rows dapo's later rounds had), and its share of the
+    bandwidth limit as bench_rollout's, the kv window from the data set's longest prompt"""
+    def reads(g):  # what a decode step reads: bf16 weight casts and kv under autocast or fsdp2 on gpus, else the
+        # master dtype; the rows of a round on this rank; the engine's window
+        nbytes = 2 if g['cuda'] or g['amp_on'] else train.DTYPES[g['master_dtype']].itemsize
+        w, kv = decode_bytes(g['model'].config, nbytes)
+        rows, ctx = g['batch_size'] // g['world'] * g['group_size'], max(map(len, g['prompts'])) + g['max_new_tokens']
+        return w, kv, rows, ctx, card_bw(g['cuda'], card)
+
     steps = {False: [], True: []}
     for _ in range(repeats):
         for ov in (False, True):
-            steps[ov] += run_steps(train_args + [f'--overlap={ov}'])
+            rows, (w, kv, n, ctx, bw) = run_steps(train_args + [f'--overlap={ov}'], reads)
+            steps[ov] += rows
+    one_round = lambda ov: [m for m in steps[ov] if m.get('gen_rounds', 1) == 1]
+    tok_s = {ov: statistics.median([m['len_mean'] * n / m['t_rollout'] for m in one_round(ov)] or [float('nan')])
+             for ov in (False, True)}
+    share = {ov: bandwidth_share(tok_s[ov], n, ctx, w, kv, bw) for ov in (False, True)} if bw else {}
     med = lambda ov, f: statistics.median(f(m) for m in steps[ov]) / 1000 if steps[ov] else float('nan')
     t_roll = med(False, lambda m: 1000 * (m['t_rollout'] + m['t_reward']))
     t_upd = med(False, lambda m: 1000 * (m.get('t_adv', 0) + m.get('t_logprobs', 0) + m.get('t_update', 0)
@@ -476,7 +508,8 @@ def bench_overlap(train_args: list[str], repeats: int) -> dict:
     cap = (t_roll + t_upd) / max(t_roll, t_upd)  # both phases fully hidden behind the longer one
     return {'rollout_s': t_roll, 'update_s': t_upd, 'seq_step_s': t_seq, 'overlap_step_s': t_ovl,
             'overlap_wait_s': med(True, lambda m: 1000 * m['t_wait']), 'speedup': t_seq / t_ovl, 'cap': cap,
-            'of_cap': t_seq / t_ovl / cap, 'steps': (len(steps[False]), len(steps[True]))}
+            'of_cap': t_seq / t_ovl / cap, 'steps': (len(steps[False]), len(steps[True])), 'decode_tok_s': tok_s,
+            'bw_share': share, 'rows': n}
 
 
 if __name__ == '__main__':
@@ -518,12 +551,15 @@ if __name__ == '__main__':
             print(f"  {k:28s}{r[k]:9.1f} ms  {100 * r[k] / r['step']:5.1f}%")
         sys.exit()
     if args.overlap is not None:
-        r = bench_overlap(args.overlap, args.repeats)
+        r = bench_overlap(args.overlap, args.repeats, args.card)
         print(f"rl step ({' '.join(args.overlap)}), median of {r['steps'][0]} + {r['steps'][1]} steps: "
               f"rollout {r['rollout_s'] * 1000:.0f} ms | update {r['update_s'] * 1000:.0f} ms | sequential "
               f"{r['seq_step_s'] * 1000:.0f} ms | overlapped {r['overlap_step_s'] * 1000:.0f} ms (waits "
               f"{r['overlap_wait_s'] * 1000:.0f} ms for the rollout) | speedup {r['speedup']:.2f}x | cap "
               f"{r['cap']:.2f}x | {100 * r['of_cap']:.0f}% of the cap")
+        for name, ov in (('sequential', False), ('overlapped', True)):
+            print(f"  rollout decode, {name}: {r['decode_tok_s'][ov]:.0f} tok/s ({r['rows']} rows x len_mean / t_rollout)"
+                  + (f" | {100 * r['bw_share'][ov]:.1f}% of the memory-bandwidth limit" if r['bw_share'] else ''))
         sys.exit()
     args.preset, args.prompt_len = args.preset or 'tiny', args.prompt_len or 64
     model, tok = build(args.preset, args.device, args.ckpt)
@@ -536,6 +572,8 @@ if __name__ == '__main__':
               f"ratio {r['speedup']:.2f}x | slow path (engine='hf') {r['slow_tok_s']:.0f} tok/s, {r['vs_slow']:.2f}x"
               + (f" | {100 * r['bw_share']:.1f}% of the memory-bandwidth limit ({r['bw_limit_tok_s']:.0f} tok/s)"
                  if 'bw_share' in r else ''))
+        print(f"  sampling (train.sample on {r['shape'][0]} x {r['shape'][1]} fp32 logits): {r['sampling_ms']:.3f} "
+              f"ms/step | decode step {r['step_ms']:.3f} ms | {100 * r['sampling_share']:.1f}% of the step")
     if args.skip != 'train':
         r = bench_train(model, tok, args)
         print(f"train step ({args.accum} micro-batches of {args.micro_batch} x {args.seq_len} tokens, then the optimizer; "

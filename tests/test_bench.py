@@ -1,4 +1,5 @@
-"""bench.py's train-step flops and its rl phase breakdown (the memory planner: tests/test_memory.py)."""
+"""bench.py's train-step flops, its rl phase breakdown, and the fields its rollout and overlap benches print (the
+memory planner: tests/test_memory.py). timings are machine-dependent: no test passes or fails on one."""
 import os
 import re
 import subprocess
@@ -28,3 +29,29 @@ def test_rl_phases_cover_the_step():
     assert ms['rollout'] > 0 and ms['update (loss, backward)'] > 0 and ms['log-probs (old, reference)'] > 0
     assert abs(sum(ms.values()) - step) <= 1 + 0.05 * len(ms)  # printed to 0.1 ms, the step to 1 ms
     assert abs(ms['other']) < 0.2 * step, ms  # a phase left out of the breakdown would show up here
+
+
+def test_rollout_prints_sampling_share():
+    """the rollout bench times train.sample on the rollout's (N, V) logits against its decode step (issue 21, 9)"""
+    p = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--skip', 'train', '--repeats', '1', '--prompts',
+                        '2', '--group_size', '3', '--new_tokens', '8'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r'sampling \(train\.sample on (\d+) x (\d+) fp32 logits\): ([\d.]+) ms/step \| decode step ([\d.]+) '
+                  r'ms \| ([\d.]+)% of the step', p.stdout)
+    assert m, p.stdout
+    assert (int(m[1]), int(m[2])) == (6, 320)  # prompts x group_size rows, the tiny model's embedding rows
+    assert 0 < float(m[3]) / float(m[4]) < 1
+
+
+def test_overlap_prints_decode_tok_s_and_bandwidth_share():
+    """bench.py --overlap reports each side's rollout decode tok/s and, with --card, its share of the bandwidth limit"""
+    p = subprocess.run([sys.executable, 'bench.py', '--repeats', '1', '--card', 'H200', '--overlap', 'config/tiny.py',
+                        '--mode=dr_grpo', '--max_iters=3', '--batch_size=2', '--group_size=2', '--max_new_tokens=16',
+                        '--device=cpu'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for side in ('sequential', 'overlapped'):
+        m = re.search(rf'rollout decode, {side}: ([\d.]+) tok/s \(4 rows x len_mean / t_rollout\) \| ([\d.]+)% of the '
+                      r'memory-bandwidth limit', p.stdout)
+        assert m, p.stdout  # a number: not nan, so every step's rollout was counted
+        assert 0 <= float(m[2]) < 100  # a 1M model on the cpu: a share that rounds to 0.0%
