@@ -655,44 +655,84 @@ def capture(fn, pool, stream):
     return g, out
 
 
-def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, buckets=None):
-    """copy the prefill cache G times into static (L, N, Hkv, P+T-1, D) buffers -> advance(nxt, kept) -> logits (n, V),
-    kept: the positions (host list) of the live rows that stay, None if all do; nxt (n,) their next tokens.
+class KVCache:
+    """the static engine's state: K/V buffers of `rows` rows over a fixed window (`prompt_len` prompt columns, then the
+    new tokens), and each bucket's captured graph. the overlap keeps one for the run: its inference copy's weights keep
+    their addresses, so each bucket is captured once per run. graphs are captured again when the weights they read
+    have moved (fsdp2 gathers anew at each rollout) or are autocast's casts (made anew at each rollout). without one,
+    each rollout makes its own, of its own rows and prompt length."""
 
-    step t writes column P+t for every row (prompts are left-padded into [0, P)). the batch runs at the smallest
-    bucket >= live rows (cpu: the live count); a bucket's dead rows compute garbage nobody reads. on cuda each bucket
-    is a graph, captured by hand (no compile time, no triton, our buffers) per rollout, lazily, so largest first:
-    the window changes with the prompts and fsdp2 reallocates the gathered weights at every rollout."""
+    def __init__(self, rows: int, prompt_len: int):
+        self.rows, self.prompt_len = rows, prompt_len
+        self.shape, self.weights, self.graphs, self.pool = None, None, {}, None
+
+    def buffers(self, L: int, Hkv: int, S: int, D: int, dtype, dev):
+        """(re)allocate K, V (L, rows, Hkv, S, D), valid (rows, S), pos, tok (rows,), slot () when the shape changes."""
+        if self.shape != (L, Hkv, S, D, dtype, dev):
+            self.graphs, self.shape = {}, (L, Hkv, S, D, dtype, dev)
+            self.K = torch.zeros(L, self.rows, Hkv, S, D, dtype=dtype, device=dev)
+            self.V = torch.zeros_like(self.K)
+            self.valid = torch.zeros(self.rows, S, dtype=torch.bool, device=dev)
+            self.pos, self.tok = (torch.zeros(self.rows, dtype=torch.long, device=dev) for _ in range(2))
+            self.slot = torch.zeros((), dtype=torch.long, device=dev)
+
+    def keep_graphs(self, model, cuda: bool):
+        """drop the graphs unless the weights they read are where they were when captured."""
+        weights = None if torch.is_autocast_enabled('cuda') else [p.data_ptr() for p in model.parameters()]
+        if weights is None or weights != self.weights:
+            self.graphs, self.weights = {}, weights
+        if cuda and self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+
+
+def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, buckets=None, kv: KVCache | None = None):
+    """copy the prefill cache G times into kv's static (L, rows, Hkv, prompt_len+T-1, D) buffers -> advance(nxt, kept)
+    -> logits (n, V), kept: the positions (host list) of the live rows that stay, None if all do; nxt (n,) their next
+    tokens. kv: a persistent KVCache (rows >= B*G, prompt_len >= P), else one for this rollout alone.
+
+    prompts end at column P0 = kv.prompt_len (left-padded into [0, P0)); step t writes column P0+t for every row. the
+    batch runs at the smallest bucket >= live rows (cpu: the live count); a bucket's dead rows compute what nobody
+    reads, attending to column 0 alone (finite). on cuda each bucket is a graph, captured by hand (no compile time,
+    no triton, our buffers) lazily, so largest first, and kept in kv."""
     c, rope = model.config, model.model.rotary_emb
     if (c.model_type not in ('qwen2', 'llama') or rope.rope_type in ('dynamic', 'longrope')
             or any(t != 'full_attention' for t in getattr(c, 'layer_types', None) or [])):
         raise ValueError(f"engine='static' supports qwen2/llama with full attention and a fixed rope; got "
                          f"{c.model_type}, rope {rope.rope_type}, layers {set(getattr(c, 'layer_types', None) or [])}")
     (B, P), G, dev = attn.shape, n_samples, attn.device
-    N, S = B * G, P + max_new_tokens - 1  # the last token is sampled, never fed
+    N = B * G
+    kv = kv or KVCache(N, P)
+    if N > kv.rows or P > kv.prompt_len:
+        raise ValueError(f"{B} prompts x {n_samples} samples of up to {P} tokens do not fit a KVCache of {kv.rows} rows "
+                         f"and {kv.prompt_len} prompt columns")
+    P0, S = kv.prompt_len, kv.prompt_len + max_new_tokens - 1  # the last token is sampled, never fed
     ks, vs = [x.keys for x in cache.layers], [x.values for x in cache.layers]  # (B, Hkv, P, D) each
     Hkv, D, cuda = ks[0].shape[1], ks[0].shape[3], attn.is_cuda
     buckets = (BUCKETS if cuda else ()) if buckets is None else buckets
     # the projections' output dtype (bf16 under autocast over fp32 weights; HF's keys there are fp32 after rope)
-    K = torch.zeros(len(ks), N, Hkv, S, D, dtype=vs[0].dtype, device=dev)
-    V = torch.zeros_like(K)
+    kv.buffers(len(ks), Hkv, S, D, vs[0].dtype, dev)
+    kv.keep_graphs(model, cuda)
+    K, V, valid, pos, tok, slot = kv.K, kv.V, kv.valid, kv.pos, kv.tok, kv.slot
     for i, (k, v) in enumerate(zip(ks, vs)):  # row b*G+j <- prompt b, via broadcast: no repeated temporary
-        K[i, :, :, :P].unflatten(0, (B, G)).copy_(k[:, None])
-        V[i, :, :, :P].unflatten(0, (B, G)).copy_(v[:, None])
-    valid = torch.zeros(N, S, dtype=torch.bool, device=dev)
-    valid[:, :P] = attn.bool().repeat_interleave(G, 0)
-    pos = attn.sum(-1).repeat_interleave(G)  # (N,) position of the token fed next
-    tok, slot = torch.zeros(N, dtype=torch.long, device=dev), torch.zeros((), dtype=torch.long, device=dev)
-    pool, stream = (torch.cuda.graph_pool_handle(), capture_stream(dev)) if cuda else (None, None)
+        K[i, :N, :, P0 - P:P0].unflatten(0, (B, G)).copy_(k[:, None])
+        V[i, :N, :, P0 - P:P0].unflatten(0, (B, G)).copy_(v[:, None])
+    valid.zero_()  # a column never valid holds whatever it held: its attention weight is exactly 0
+    valid[:N, P0 - P:P0] = attn.bool().repeat_interleave(G, 0)
+    valid[N:, 0] = True
+    pos.zero_()
+    pos[:N] = attn.sum(-1).repeat_interleave(G)  # position of the token fed next
+    stream = capture_stream(dev) if cuda else None
     at = list(range(N))  # cache row of each live row, on the host; idx is the same on the device
-    t, b, idx, graph, out = 0, N, torch.arange(N, device=dev), None, None
+    t, idx = 0, torch.arange(N, device=dev)
+    b = min([x for x in buckets if x >= N] + [kv.rows]) if buckets else N
+    graph, out = kv.graphs.get(b, (None, None))
 
     def advance(nxt, kept):
         nonlocal t, b, at, idx, graph, out
         if kept is not None:
             at = [at[k] for k in kept]
             n = len(at)
-            if (nb := min([x for x in buckets if x >= n] + [N]) if buckets else n) < b:
+            if (nb := min([x for x in buckets if x >= n] + [kv.rows]) if buckets else n) < b:
                 # compact into rows [0, n): move the live rows sitting at n or above into the holes below n. only
                 # they are copied (a full gather K[:, :n] = K[:, idx] would move every row, every time)
                 holes, movers = sorted(set(range(n)) - set(at)), [r for r in at if r >= n]
@@ -702,19 +742,20 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
                         x.index_copy_(d, dst, x.index_select(d, src))
                     to = dict(zip(movers, holes))
                     at = [to.get(r, r) for r in at]
-                b, graph, out = nb, None, None  # frees the old graph's pool blocks for the next capture
+                b = nb
+                graph, out = kv.graphs.get(b, (None, None))
             idx = torch.tensor(at, device=dev)
         tok.index_copy_(0, idx, nxt)
-        slot.fill_(P + t)
-        valid[:, P + t] = True
+        slot.fill_(P0 + t)
+        valid[:, P0 + t] = True
 
         def step(w=S):  # the batch is the bucket's [:b] views of the max-size buffers, the first w columns
             return decode_step(model, tok[:b], pos[:b], slot, K[:, :b, :, :w], V[:, :b, :, :w], valid[:b, :w])
         if not cuda:  # no graph: attend over the columns written so far, not the whole window (~3x less on the demo)
-            out = step(P + t + 1)
+            out = step(P0 + t + 1)
         else:
             if graph is None:
-                graph, out = capture(step, pool, stream)
+                graph, out = kv.graphs[b] = capture(step, kv.pool, stream)
             graph.replay()  # rewrites out in place
         pos.add_(1)
         t += 1
@@ -747,12 +788,13 @@ def hf_engine(model, cache, attn, n_samples: int, kw: str):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
              top_p: float, eos_ids: list[int], stop_strings: list[str], tok: Tokenizer, pad_id: int,
-             generator=None, engine: str = 'static') -> dict:
+             generator=None, engine: str = 'static', kv: KVCache | None = None) -> dict:
     """-> ids (N, T), mask (N, T), logprobs (N, T), truncated (N,), N = len(prompts) * n_samples.
 
     row i * n_samples + j is sample j of prompt i; the stop token (eos or the end of a stop string) is kept
     in the mask; rows that stop leave the batch, so they cost no more compute. engine 'static': static KV cache and
-    own decode step (CUDA graphs on GPU); 'hf': the HF forward on a DynamicCache. both draw the same random numbers."""
+    own decode step (CUDA graphs on GPU), in kv when given (kept across calls); 'hf': the HF forward on a
+    DynamicCache. both draw the same random numbers."""
     from transformers import DynamicCache
     if engine not in ('static', 'hf'):
         raise ValueError(f"engine must be 'static' or 'hf', got {engine!r}")
@@ -768,7 +810,7 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     kw = 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
     logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                    use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].float()
-    advance = (static_engine(model, cache, attn, n_samples, max_new_tokens) if engine == 'static'
+    advance = (static_engine(model, cache, attn, n_samples, max_new_tokens, kv=kv) if engine == 'static'
                else hf_engine(model, cache, attn, n_samples, kw))
     del cache  # the static engine copied it: free the prefill cache now
     logits = logits.repeat_interleave(n_samples, 0)
@@ -1406,6 +1448,9 @@ if __name__ == "__main__":
         prompts = [tok.encode_prompt(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
         log(f"data: {len(prompts)} rl prompts from {dataset}")
     check_positions(config, model.config.max_position_embeddings, max(map(len, prompts)) if mode != 'sft' else 0)
+    # the overlap's engine state, kept for the run: the copy's weights keep their addresses, so each bucket's graph is
+    # captured once (a round of dapo never has more rows than the batch)
+    infer_kv = KVCache(batch_size // world * group_size, max(map(len, prompts))) if overlap else None
     eos_ids = [eos_id]
 
     def optimizer_step(m: dict):
@@ -1444,7 +1489,8 @@ if __name__ == "__main__":
             with phase('rollout_generation'), gathered(policy), amp():
                 out = generate(policy, [prompts[i] for i in idx], n_samples=group_size, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, eos_ids=eos_ids, stop_strings=stop_strings,
-                               tok=tok, pad_id=pad_id, generator=gen, engine=engine)
+                               tok=tok, pad_id=pad_id, generator=gen, engine=engine,
+                               kv=infer_kv if policy is infer else None)
             policy.train(policy is model)
             rounds += 1
             t1 = time.time()

@@ -34,6 +34,37 @@ def test_captured_buckets_equal_the_slow_path_fp32():
     torch.testing.assert_close(a['logprobs'], b['logprobs'], rtol=0, atol=1e-3)
 
 
+def test_a_kept_cache_captures_each_bucket_once_and_decodes_as_a_fresh_one():
+    # the overlap's KVCache, kept for the run over weights that keep their addresses: a second rollout (other
+    # seed, fewer prompts, a window wider than its prompts) replays the graphs the first captured, and draws what a
+    # fresh cache draws; refreshing the weights in place keeps them; autocast's casts do not
+    m = tiny().cuda()
+    kv = train.KVCache(rows=12, prompt_len=max(map(len, prompts())) + 3)
+    first = gen(m, 'static', kv=kv)
+    assert torch.equal(first['ids'], gen(m, 'static')['ids'])
+    graphs = dict(kv.graphs)
+    assert len(graphs) >= 3
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.01)  # the refresh: new values, same addresses
+    ps = prompts()[1:]
+    fresh = train.generate(m, ps, generator=torch.Generator('cuda').manual_seed(5), engine='static', n_samples=4,
+                           max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
+                           stop_strings=['e'], tok=TOK, pad_id=0)
+    kept = train.generate(m, ps, generator=torch.Generator('cuda').manual_seed(5), engine='static', n_samples=4,
+                          max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
+                          stop_strings=['e'], tok=TOK, pad_id=0, kv=kv)
+    assert torch.equal(kept['ids'], fresh['ids']) and torch.equal(kept['mask'], fresh['mask'])
+    torch.testing.assert_close(kept['logprobs'], fresh['logprobs'], rtol=0, atol=1e-3)
+    assert all(kv.graphs[b] is g for b, g in graphs.items() if b in kv.graphs) and kv.graphs.keys() & graphs.keys()
+    m32 = tiny().cuda()
+    with torch.autocast('cuda', torch.bfloat16):
+        gen(m32, 'static', kv=kv)
+        g1 = dict(kv.graphs)
+        gen(m32, 'static', kv=kv)
+    assert not any(kv.graphs.get(b) is g for b, g in g1.items())  # captured anew: the casts were freed
+
+
 def test_captured_decode_under_autocast_matches_a_full_forward():
     # the single-gpu path: fp32 weights under bf16 autocast; the engine's log-probs vs the trainer's forward
     m = tiny().cuda()

@@ -78,18 +78,30 @@ def prefill(m, ps):
 # decode_step and the static cache == the HF forward
 
 
+@pytest.mark.parametrize('kept', [False, True], ids=['own', 'kept'])
 @pytest.mark.parametrize('buckets', [None, train.BUCKETS], ids=['exact', 'buckets'])
 @pytest.mark.parametrize('family', FAMILIES)
 @torch.no_grad()
-def test_static_engine_logits_equal_full_forward(family, buckets):
+def test_static_engine_logits_equal_full_forward(family, buckets, kept):
     # 3 left-padded prompts x G=2, teacher-forced random tokens; rows leave at steps 2, 3 and 4; every live row's
     # logits vs a full unpadded forward of that row alone. exact: compaction at every stop (the CPU default).
     # buckets (the CUDA policy, run eagerly here): 6 -> 4 rows (moves one row), 3 live in 4 (one padded row),
-    # then 2 (moves both)
+    # then 2 (moves both). kept: the overlap's KVCache, kept for the run, after another rollout filled it: 8 rows, a
+    # wider prompt window, every column stale. with buckets the other rollout's 5 rows ran in 8: its 3 dead rows
+    # must leave finite values (a graph attends the whole window, and 0 x nan is nan; the cpu's sdpa returns 0 for a
+    # row with nothing to attend to, a gpu kernel need not, so the engine gives dead rows column 0)
     m, g, G, T = tiny(family, std=0.2), torch.Generator().manual_seed(0), 2, 6
+    kv = None
+    if kept:
+        kv = train.KVCache(rows=8, prompt_len=11)
+        other = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (11, 9, 3, 5, 8)]
+        fill = train.static_engine(m, *prefill(m, other), 1, T, buckets, kv=kv)
+        for _ in range(T - 1):
+            fill(torch.randint(0, 256, (5,), generator=g), None)
+        assert kv.K.isfinite().all() and kv.V.isfinite().all()
     ps = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 4, 2)]
     cache, attn = prefill(m, ps)
-    advance = train.static_engine(m, cache, attn, G, T, buckets)
+    advance = train.static_engine(m, cache, attn, G, T, buckets, kv=kv)
     live, fed = list(range(len(ps) * G)), [[] for _ in range(len(ps) * G)]
     drop, worst = {2: {1, 4}, 3: {0}, 4: {5}}, 0.0
     for t in range(T - 1):

@@ -192,7 +192,7 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
             return train.generate(policy, prompts, n_samples=2, max_new_tokens=24, temperature=1.0, top_p=1.0,
                                   eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
                                   generator=torch.Generator().manual_seed(0))
-    own, same = rollout(model), rollout(train.inference_copy(model, 'cpu', cuda=True, ddp=False))
+    own, same = rollout(model), rollout(train.inference_copy(model, 'cpu', bf16=False, amp=True))
     bf16 = rollout(copy.deepcopy(model).to(torch.bfloat16).eval())
     assert torch.equal(own['ids'], same['ids']) and torch.equal(own['logprobs'], same['logprobs'])
     gap = ((own['logprobs'] - bf16['logprobs']).abs() * own['mask']).sum() / own['mask'].sum()

@@ -437,6 +437,27 @@ def metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def test_autocast_casts_each_weight_once_per_phase(tmp_path):
+    # grpo as one gpu runs it (one process, fp32 master weights under bf16 autocast; here the cpu's autocast), from the
+    # recipe's config with a scratch model of a few layers: autocast caches a weight's cast only until its outermost
+    # context exits, and only for leaves that require grad. the rollout, the reference's forwards and the update (4
+    # micro-batches, each recomputed in backward) each cast a weight once: the policy's twice a step, the reference's
+    # once. per micro-batch contexts cast the policy's 1 + 2 x 4 times a step and the frozen reference's 4 times
+    e = dict(env(), PROBE_CASTS='1')
+    args = [os.path.join(REPO, 'config', 'grpo.py'), '--init_from=scratch', '--dataset=arith', '--device=cpu',
+            '--prompt_template={question}\n', '--max_iters=2', '--batch_size=2', '--group_size=2', '--micro_batch_size=1',
+            '--max_new_tokens=8', '--autocast=bf16', f'--out_dir={tmp_path / "out"}']
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'probe.py'), os.path.join(REPO, 'train.py')] + args,
+                       cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    m = metrics(tmp_path / 'out')
+    assert [r['step'] for r in m] == [1, 2] and abs(m[0]['kl']) < 1e-6, m  # the reference computes as the policy
+    probe = json.load(open(tmp_path / 'probe_rank0.json'))
+    assert probe['recomputed'] == probe['forwards'] == 2 * 4 * 2, probe  # 2 layers, 4 micro-batches, 2 steps
+    counts = list(probe['casts'].values())
+    assert sorted(set(counts)) == [2, 4] and counts.count(2) == counts.count(4), counts  # reference, policy
+
+
 # the soft overlong penalty over the last 40 of 48 tokens gives completions of different lengths different
 # rewards even when the briefly trained model gets no answer right, so advantages and gradients are nonzero
 RL = ['config/tiny.py', '--max_iters=2', '--batch_size=4', '--overlong=soft', '--overlong_buffer=40']
