@@ -163,7 +163,10 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     c = {'master weights': N * mb / W, 'gradients': N * mb / W,
          UNSYNCED: unsynced(cfg['micro_batch_size']), 'adam moments': 2 * N * ob / W,
          'reference (grpo)': N * (2 if cuda and fsdp else mb) / W if cfg['mode'] == 'grpo' and cfg['beta'] > 0 else 0,
-         'inference copy (overlap)': N * (2 if cuda and fsdp else mb) if rl and cfg['overlap'] else 0}  # as the trainer
+         'inference copy (overlap)': 0}
+    if rl and cfg['overlap']:  # as the trainer computes: fsdp2 on gpus bf16; one gpu what autocast computes with (bf16
+        # Linear weights, a tied lm_head's own among them, the embedding and norms in the master dtype); cpu the master
+        c['inference copy (overlap)'] = (N * 2 if fsdp else N * 2 + V * h * (mb if s['tied'] else mb - 2)) if cuda else N * mb
     temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
     c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
     # weights in compute precision: autocast caches a bf16 copy of every weight for a whole step's micro-batches
@@ -200,7 +203,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
         b = n_prompts // W
         r = {'kv cache': L * 2 * s['Hkv'] * s['D'] * cb * (b * cfg['group_size'] * S + b * prompt_len),  # + prefill's
              'decode logits': b * cfg['group_size'] * V * (cb + 4 * 4),  # logits, fp32 copy, / T, log_softmax, probs
-             'rollout weights': (N * 2 if regime == 'autocast' else 0) if cfg['overlap']  # the copy's autocast cache
+             'rollout weights': 0 if cfg['overlap']  # the copy holds what it computes with
              else N * cb if cuda or fsdp else 0}  # gathered | autocast cache
         return resident + sum(r.values()), r
 

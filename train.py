@@ -441,13 +441,20 @@ def choose_sdpa():
 
 def inference_copy(model, device: str, bf16: bool, amp: bool):
     """the frozen copy an overlapped run generates from, computing exactly as the trainer does: under fsdp2 on gpus
-    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16; under autocast (one gpu) the trainer runs
-    its fp32 master weights in bf16 matmuls, where the embeddings and norms (not autocast) keep the residual stream
-    fp32, so the copy keeps the master dtype and runs under the same autocast (a bf16 copy put 4% of tokens outside
-    the clip at lr 0). under autocast its weights require grad only so that their bf16 casts are cached for a whole
-    rollout, as the trainer's are (autocast caches leaves that require grad); rollouts run under no_grad."""
+    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16. under autocast (one gpu) the trainer's
+    matmuls run autocast's bf16 casts of its fp32 weights, while its embeddings and norms (not autocast) keep the
+    residual stream fp32; the copy stores just that: each Linear's parameters in bf16 (the same rounding as autocast's
+    cast, made at each refresh, at addresses that stay, so the decode graphs are captured once per run), the rest in
+    the master dtype, and a tied lm_head its own bf16 weight (a bf16 copy throughout put 4% of tokens outside the
+    clip at lr 0)."""
     infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if bf16 else None).eval()
-    return infer.requires_grad_(amp)
+    if amp:
+        if infer.lm_head.weight is infer.get_input_embeddings().weight:
+            infer.lm_head.weight = torch.nn.Parameter(infer.lm_head.weight.detach().clone())
+        for m in infer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.to(torch.bfloat16)
+    return infer.requires_grad_(False)
 
 
 def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
@@ -659,8 +666,8 @@ class KVCache:
     """the static engine's state: K/V buffers of `rows` rows over a fixed window (`prompt_len` prompt columns, then the
     new tokens), and each bucket's captured graph. the overlap keeps one for the run: its inference copy's weights keep
     their addresses, so each bucket is captured once per run. graphs are captured again when the weights they read
-    have moved (fsdp2 gathers anew at each rollout) or are autocast's casts (made anew at each rollout). without one,
-    each rollout makes its own, of its own rows and prompt length."""
+    have moved (fsdp2 gathers anew at each rollout) or are autocast's casts of fp32 Linear weights (made anew at each
+    rollout). without one, each rollout makes its own, of its own rows and prompt length."""
 
     def __init__(self, rows: int, prompt_len: int):
         self.rows, self.prompt_len = rows, prompt_len
@@ -677,8 +684,10 @@ class KVCache:
             self.slot = torch.zeros((), dtype=torch.long, device=dev)
 
     def keep_graphs(self, model, cuda: bool):
-        """drop the graphs unless the weights they read are where they were when captured."""
-        weights = None if torch.is_autocast_enabled('cuda') else [p.data_ptr() for p in model.parameters()]
+        """drop the graphs unless the weights they read are where they were when captured: not autocast's casts."""
+        casts = torch.is_autocast_enabled('cuda') and any(p.dtype == torch.float32 for m in model.modules()
+                                                          if isinstance(m, torch.nn.Linear) for p in m.parameters())
+        weights = None if casts else [p.data_ptr() for p in model.parameters()]
         if weights is None or weights != self.weights:
             self.graphs, self.weights = {}, weights
         if cuda and self.pool is None:
@@ -877,9 +886,9 @@ def reshards_after_forward(m) -> bool:
 def refresh(infer, model):
     """copy the policy's weights into the inference copy. under fsdp2 each full_tensor is an all-gather: every rank
     calls this at the same point of the step, from the main thread, so the collectives line up."""
-    dst = dict(infer.named_parameters())
-    for name, p in model.named_parameters():  # cast before the gather: a bf16 copy moves half the bytes
-        dst[name].copy_(p.to(dst[name].dtype).full_tensor() if isinstance(p, DTensor) else p)
+    src = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head has its own weight in the copy
+    for name, p in infer.named_parameters():  # cast before the gather: a bf16 copy moves half the bytes
+        p.copy_(src[name].to(p.dtype).full_tensor() if isinstance(src[name], DTensor) else src[name])
 
 
 # -----------------------------------------------------------------------------

@@ -63,6 +63,12 @@ def test_a_kept_cache_captures_each_bucket_once_and_decodes_as_a_fresh_one():
         g1 = dict(kv.graphs)
         gen(m32, 'static', kv=kv)
     assert not any(kv.graphs.get(b) is g for b, g in g1.items())  # captured anew: the casts were freed
+    infer = train.inference_copy(m32, 'cuda', bf16=False, amp=True)  # one gpu's copy stores bf16 Linear weights
+    with torch.autocast('cuda', torch.bfloat16):
+        gen(infer, 'static', kv=kv)
+        g2 = dict(kv.graphs)
+        gen(infer, 'static', kv=kv)
+    assert g2 and all(kv.graphs.get(b) is g for b, g in g2.items())  # the same seed visits the same buckets
 
 
 def test_captured_decode_under_autocast_matches_a_full_forward():

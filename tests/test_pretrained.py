@@ -192,8 +192,21 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
             return train.generate(policy, prompts, n_samples=2, max_new_tokens=24, temperature=1.0, top_p=1.0,
                                   eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
                                   generator=torch.Generator().manual_seed(0))
-    own, same = rollout(model), rollout(train.inference_copy(model, 'cpu', bf16=False, amp=True))
+    infer = train.inference_copy(model, 'cpu', bf16=False, amp=True)
+    own, same = rollout(model), rollout(infer)
     bf16 = rollout(copy.deepcopy(model).to(torch.bfloat16).eval())
     assert torch.equal(own['ids'], same['ids']) and torch.equal(own['logprobs'], same['logprobs'])
     gap = ((own['logprobs'] - bf16['logprobs']).abs() * own['mask']).sum() / own['mask'].sum()
     assert not torch.equal(own['ids'], bf16['ids']) or gap > 1e-3, gap  # what it was
+    # the refresh after an update: autocast's rounding of the new weights, at the addresses the decode graphs read;
+    # the tied lm_head (SmolLM2 ties it) from the embedding
+    at = {n: p.data_ptr() for n, p in infer.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    train.refresh(infer, model)
+    src = dict(model.named_parameters(remove_duplicate=False))
+    assert 'lm_head.weight' in at and model.lm_head.weight is model.get_input_embeddings().weight
+    for n, p in infer.named_parameters():
+        assert p.data_ptr() == at[n] and torch.equal(p, src[n].to(p.dtype)), n
+        assert p.dtype == (torch.bfloat16 if n.endswith('proj.weight') or n == 'lm_head.weight' else torch.float32), n
