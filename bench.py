@@ -169,13 +169,14 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
         c['inference copy (overlap)'] = (N * 2 if fsdp else N * 2 + V * h * (mb if s['tied'] else mb - 2)) if cuda else N * mb
     temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
     c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
-    # weights in compute precision: autocast caches a bf16 copy of every weight for a whole step's micro-batches
-    # (train.py's `casts`), plus a layer's recast in the recompute (autograd's device thread has its own cache); fsdp2
-    # keeps the root (embedding = tied lm_head) gathered from forward to backward and ~2 layers at a time (current +
-    # prefetch), plus a layer's unsharded grads and their fp32 reduce-scatter input
+    # weights in compute precision: autocast caches a bf16 copy of every weight for the whole forward (and the lm_head's
+    # stays saved for backward; the first recompute, in autograd's device thread, ends the cache, which is
+    # process-wide, at the backward's start); fsdp2 keeps the root (embedding = tied lm_head) gathered from forward to
+    # backward and ~2 layers at a time (current + prefetch), plus a layer's unsharded grads and their fp32
+    # reduce-scatter input
     emb = V * h * cb
     cw_fwd = N * 2 if regime == 'autocast' else emb + 2 * Lp * cb if fsdp else 0
-    cw_bwd = N * 2 + Lp * 2 if regime == 'autocast' else emb + 2 * Lp * cb + Lp * (cb + 4) if fsdp else 0
+    cw_bwd = emb + Lp * 2 if regime == 'autocast' else emb + 2 * Lp * cb + Lp * (cb + 4) if fsdp else 0
     layer_b, resid_b, head_b = act_bytes(s, regime, mb)
     resident = (c['master weights'] + c['adam moments'] + c['reference (grpo)'] + c['inference copy (overlap)'])
     T = prompt_len + cfg['max_new_tokens'] if rl else cfg['max_seq_len']

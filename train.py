@@ -676,7 +676,7 @@ class KVCache:
     def buffers(self, L: int, Hkv: int, S: int, D: int, dtype, dev):
         """(re)allocate K, V (L, rows, Hkv, S, D), valid (rows, S), pos, tok (rows,), slot () when the shape changes."""
         if self.shape != (L, Hkv, S, D, dtype, dev):
-            self.graphs, self.shape = {}, (L, Hkv, S, D, dtype, dev)
+            self.graphs, self.pool, self.shape = {}, None, (L, Hkv, S, D, dtype, dev)
             self.K = torch.zeros(L, self.rows, Hkv, S, D, dtype=dtype, device=dev)
             self.V = torch.zeros_like(self.K)
             self.valid = torch.zeros(self.rows, S, dtype=torch.bool, device=dev)
@@ -689,7 +689,8 @@ class KVCache:
                                                           if isinstance(m, torch.nn.Linear) for p in m.parameters())
         weights = None if casts else [p.data_ptr() for p in model.parameters()]
         if weights is None or weights != self.weights:
-            self.graphs, self.weights = {}, weights
+            # a new pool too: the allocator does not take new captures into a pool whose graphs have all been freed
+            self.graphs, self.weights, self.pool = {}, weights, None
         if cuda and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
 
@@ -701,8 +702,8 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
 
     prompts end at column P0 = kv.prompt_len (left-padded into [0, P0)); step t writes column P0+t for every row. the
     batch runs at the smallest bucket >= live rows (cpu: the live count); a bucket's dead rows compute what nobody
-    reads, attending to column 0 alone (finite). on cuda each bucket is a graph, captured by hand (no compile time,
-    no triton, our buffers) lazily, so largest first, and kept in kv."""
+    reads. on cuda each bucket is a graph, captured by hand (no compile time, no triton, our buffers) lazily, so
+    largest first, and kept in kv."""
     c, rope = model.config, model.model.rotary_emb
     if (c.model_type not in ('qwen2', 'llama') or rope.rope_type in ('dynamic', 'longrope')
             or any(t != 'full_attention' for t in getattr(c, 'layer_types', None) or [])):
@@ -722,12 +723,12 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
     kv.buffers(len(ks), Hkv, S, D, vs[0].dtype, dev)
     kv.keep_graphs(model, cuda)
     K, V, valid, pos, tok, slot = kv.K, kv.V, kv.valid, kv.pos, kv.tok, kv.slot
+    K.zero_(), V.zero_()  # a masked column still spreads a non-finite value (-inf + nan): no rollout inherits one
     for i, (k, v) in enumerate(zip(ks, vs)):  # row b*G+j <- prompt b, via broadcast: no repeated temporary
         K[i, :N, :, P0 - P:P0].unflatten(0, (B, G)).copy_(k[:, None])
         V[i, :N, :, P0 - P:P0].unflatten(0, (B, G)).copy_(v[:, None])
-    valid.zero_()  # a column never valid holds whatever it held: its attention weight is exactly 0
+    valid.zero_()
     valid[:N, P0 - P:P0] = attn.bool().repeat_interleave(G, 0)
-    valid[N:, 0] = True
     pos.zero_()
     pos[:N] = attn.sum(-1).repeat_interleave(G)  # position of the token fed next
     stream = capture_stream(dev) if cuda else None
@@ -1200,21 +1201,29 @@ class Preemption:
             from datetime import timedelta
             self.store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
                                        timeout=timedelta(seconds=60))
-        self.pipe, w = os.pipe()
-        os.set_blocking(w, False)
-        signal.set_wakeup_fd(w)
+        self.pipe, self.wake = os.pipe()
+        os.set_blocking(self.wake, False)
+        signal.set_wakeup_fd(self.wake)
         self.watcher = threading.Thread(target=self._watch, daemon=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # the pipe is what is read; without the watcher, stop at once
-            signal.signal(sig, lambda num, frame: None if self.watcher.is_alive() else os._exit(128 + num))
+        # the pipe is what is read; without the watcher, stop at once
+        on_signal = lambda num, frame: None if self.watcher.is_alive() else os._exit(128 + num)
+        self.handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.watcher.start()
         atexit.register(self.close)  # also on an error's exit
 
     def close(self):
         """end the watcher before the interpreter does: python 3.11 ends a daemon thread that returns from a c++ call
         (the store's check) during shutdown by unwinding it through a noexcept destructor, which aborts the process.
-        a stop already under way is waited for: its writer ends the process."""
+        a stop under way at a finished step is waited for (its writer ends the process); one that can no longer
+        reach a finished step (an error left the step half done) for 10 s. the signals go back to their handlers
+        before, and nothing is left registered that keeps the run (a process that runs train.py twice, bench.py)."""
         self.closed.set()
-        self.watcher.join()
+        self.watcher.join(timeout=None if self.finished is not None or not self.stopping.is_set() else 10)
+        atexit.unregister(self.close)
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        os.close(self.pipe), os.close(self.wake)
 
     def mark(self, finished):
         """called by the main thread: None while the weights change, (step, state, rank_state) once a step is done."""
@@ -1410,10 +1419,11 @@ if __name__ == "__main__":
         ref = (shard(ref, mesh, param_dtype, frozen=True) if ddp else ref).to(device)
     amp = lambda: torch.autocast(device.split(':')[0], torch.bfloat16) if amp_on else contextlib.nullcontext()  # a new
     # context per use: an autocast object keeps its previous state when entered, so two threads must not share one.
-    # autocast drops its cached bf16 weight casts when the outermost autocast context exits: `casts` spans what runs
-    # on unchanged weights (a step's micro-batches, a rollout's rounds), so each weight is cast once there, not per
-    # micro-batch and again in its recompute (on cpu; a gpu recomputes in autograd's device thread, which casts anew).
-    # it computes nothing in autocast itself, and ends before any optimizer step (a cached cast would be stale)
+    # autocast drops its cached bf16 weight casts (one cache per process) when a thread leaves its outermost autocast
+    # context: `casts` spans what runs on unchanged weights (a step's micro-batches, a rollout's rounds), so each
+    # weight is cast once there, not per micro-batch and again in its recompute. not so on a gpu's update: autograd
+    # recomputes in its device thread, which leaves autocast at nesting 0 and so clears the cache each backward.
+    # `casts` computes nothing in autocast itself, and ends before any optimizer step (a cached cast would be stale)
     casts = lambda: torch.autocast(device.split(':')[0], enabled=False) if amp_on else contextlib.nullcontext()
     params = dict(model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
     optimizer = AdamW(params.values(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
@@ -1637,7 +1647,7 @@ if __name__ == "__main__":
                 with phase('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     if cuda:
                         side.wait_event(ev)
-                    with casts():  # autocast's cache is per thread
+                    with casts():  # autocast's nesting is per thread
                         out = rollout(step, data_pos, infer, bg_group)
                     if cuda:
                         side.synchronize()

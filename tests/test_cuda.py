@@ -62,7 +62,7 @@ def test_a_kept_cache_captures_each_bucket_once_and_decodes_as_a_fresh_one():
         gen(m32, 'static', kv=kv)
         g1 = dict(kv.graphs)
         gen(m32, 'static', kv=kv)
-    assert not any(kv.graphs.get(b) is g for b, g in g1.items())  # captured anew: the casts were freed
+    assert not any(kv.graphs.get(b) is g for b, g in g1.items())  # never kept over casts: each rollout's are new
     infer = train.inference_copy(m32, 'cuda', bf16=False, amp=True)  # one gpu's copy stores bf16 Linear weights
     with torch.autocast('cuda', torch.bfloat16):
         gen(infer, 'static', kv=kv)

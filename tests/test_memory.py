@@ -290,15 +290,10 @@ def test_seed_table_and_ours_beside_it():
 
 def test_plan_reproduces_the_h200_measured_peak():
     """README: one H200, the per-parameter AdamW (5 fp32 temporaries of the largest weight, the 311M-element embedding),
-    a 4 x 1024 step on fp32 master weights under autocast: max_memory_allocated 40.4 GiB, at the optimizer step. that
-    loop dropped autocast's bf16 weight casts before each backward; train.py keeps them for the step's micro-batches
-    (cast once), so its backward holds them too and peaks above the optimizer step by about their 5.75 GiB"""
+    a 4 x 1024 step on fp32 master weights under autocast: max_memory_allocated 40.4 GiB, at the optimizer step"""
     cfg = cfg_of(mode='sft', batch_size=4, micro_batch_size=4, max_seq_len=1024, master_dtype='fp32', optim_dtype='bf16')
     p = bench.plan_memory(cfg, 1, qwen3b(), 141 * 2 ** 30, opt=(5, None))
-    c = p['components']
-    at_optimizer = sum(c[k] for k in ('master weights', 'gradients', 'adam moments', 'optimizer step temporaries'))
-    assert abs(at_optimizer / (40.4 * 2 ** 30) - 1) < 0.05, at_optimizer / 2 ** 30
-    assert 0 < p['peak'] - at_optimizer < p['n_params'] * 2 + 2 * 2 ** 30, (p['peak'] - at_optimizer) / 2 ** 30
+    assert abs(p['peak'] / (40.4 * 2 ** 30) - 1) < 0.05, p['peak'] / 2 ** 30
 
 
 def test_largest_micro_batch_is_the_fit_boundary():
