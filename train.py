@@ -674,14 +674,17 @@ class KVCache:
         self.shape, self.weights, self.graphs, self.pool = None, None, {}, None
 
     def buffers(self, L: int, Hkv: int, S: int, D: int, dtype, dev):
-        """(re)allocate K, V (L, rows, Hkv, S, D), valid (rows, S), pos, tok (rows,), slot () when the shape changes."""
-        if self.shape != (L, Hkv, S, D, dtype, dev):
-            self.graphs, self.pool, self.shape = {}, None, (L, Hkv, S, D, dtype, dev)
-            self.K = torch.zeros(L, self.rows, Hkv, S, D, dtype=dtype, device=dev)
-            self.V = torch.zeros_like(self.K)
-            self.valid = torch.zeros(self.rows, S, dtype=torch.bool, device=dev)
-            self.pos, self.tok = (torch.zeros(self.rows, dtype=torch.long, device=dev) for _ in range(2))
-            self.slot = torch.zeros((), dtype=torch.long, device=dev)
+        """(re)allocate K, V (L, rows, Hkv, S, D), valid (rows, S), pos, tok (rows,), slot () when the shape changes;
+        -> whether K and V are kept from an earlier rollout."""
+        if self.shape == (L, Hkv, S, D, dtype, dev):
+            return True
+        self.graphs, self.pool, self.shape = {}, None, (L, Hkv, S, D, dtype, dev)
+        self.K = torch.zeros(L, self.rows, Hkv, S, D, dtype=dtype, device=dev)
+        self.V = torch.zeros_like(self.K)
+        self.valid = torch.zeros(self.rows, S, dtype=torch.bool, device=dev)
+        self.pos, self.tok = (torch.zeros(self.rows, dtype=torch.long, device=dev) for _ in range(2))
+        self.slot = torch.zeros((), dtype=torch.long, device=dev)
+        return False
 
     def keep_graphs(self, model, cuda: bool):
         """drop the graphs unless the weights they read are where they were when captured: not autocast's casts."""
@@ -720,10 +723,11 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
     Hkv, D, cuda = ks[0].shape[1], ks[0].shape[3], attn.is_cuda
     buckets = (BUCKETS if cuda else ()) if buckets is None else buckets
     # the projections' output dtype (bf16 under autocast over fp32 weights; HF's keys there are fp32 after rope)
-    kv.buffers(len(ks), Hkv, S, D, vs[0].dtype, dev)
+    kept = kv.buffers(len(ks), Hkv, S, D, vs[0].dtype, dev)
     kv.keep_graphs(model, cuda)
     K, V, valid, pos, tok, slot = kv.K, kv.V, kv.valid, kv.pos, kv.tok, kv.slot
-    K.zero_(), V.zero_()  # a masked column still spreads a non-finite value (-inf + nan): no rollout inherits one
+    if kept:  # a masked column still spreads a non-finite value (-inf + nan): no rollout inherits one
+        K.zero_(), V.zero_()
     for i, (k, v) in enumerate(zip(ks, vs)):  # row b*G+j <- prompt b, via broadcast: no repeated temporary
         K[i, :N, :, P0 - P:P0].unflatten(0, (B, G)).copy_(k[:, None])
         V[i, :N, :, P0 - P:P0].unflatten(0, (B, G)).copy_(v[:, None])
