@@ -27,6 +27,7 @@ import time
 import torch
 
 import configurator
+import engine
 import train
 
 PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2), random weights
@@ -348,11 +349,11 @@ def bench_rollout(model, tok, args) -> dict:
         eos = []
     n_tok, n_steps = {}, {}
 
-    def ours(engine):
-        out = train.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens,
-                             temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=[], tok=tok, pad_id=0,
-                             generator=torch.Generator(device=args.device).manual_seed(0), engine=engine)
-        n_tok[engine], n_steps[engine] = int(out['mask'].sum()), int(out['mask'].sum(-1).max())  # host sync
+    def ours(kind):
+        out = engine.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens,
+                              temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=[], tok=tok, pad_id=0,
+                              generator=torch.Generator(device=args.device).manual_seed(0), engine=kind)
+        n_tok[kind], n_steps[kind] = int(out['mask'].sum()), int(out['mask'].sum(-1).max())  # host sync
 
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=args.device)
@@ -373,13 +374,13 @@ def bench_rollout(model, tok, args) -> dict:
     r = {'engine_tok_s': n_tok['static'] / t['static'], 'slow_tok_s': n_tok['hf'] / t['hf'],
          'generate_tok_s': n_hf[0] / t_hf, 'engine_tokens': n_tok['static'], 'generate_tokens': n_hf[0]}
     r['speedup'], r['vs_slow'] = r['engine_tok_s'] / r['generate_tok_s'], r['engine_tok_s'] / r['slow_tok_s']
-    # sampling's share of a decode step (issue 21, finding 9): train.sample alone, eager over the full vocabulary, on
+    # sampling's share of a decode step (issue 21, finding 9): engine.sample alone, eager over the full vocabulary, on
     # fp32 logits of the rollout's (N, V), against the engine's time per step (prefill included: <1% at 512 tokens)
     N, V = len(prompts) * args.group_size, model.config.vocab_size
     logits = torch.randn(N, V, device=args.device)
     logits[:, tok.n_vocab:] = -float('inf')  # as generate masks the padded embedding rows
     gen, k = torch.Generator(device=args.device).manual_seed(0), 20  # k calls a timing: one is ~1 ms on a gpu
-    r['sampling_ms'] = timed(lambda: [train.sample(logits, 1.0, 1.0, gen) for _ in range(k)], args.repeats,
+    r['sampling_ms'] = timed(lambda: [engine.sample(logits, 1.0, 1.0, gen) for _ in range(k)], args.repeats,
                              args.device) / k * 1000
     r['step_ms'] = t['static'] / n_steps['static'] * 1000
     r['sampling_share'], r['shape'] = r['sampling_ms'] / r['step_ms'], (N, V)
@@ -576,7 +577,7 @@ if __name__ == '__main__':
               f"ratio {r['speedup']:.2f}x | slow path (engine='hf') {r['slow_tok_s']:.0f} tok/s, {r['vs_slow']:.2f}x"
               + (f" | {100 * r['bw_share']:.1f}% of the memory-bandwidth limit ({r['bw_limit_tok_s']:.0f} tok/s)"
                  if 'bw_share' in r else ''))
-        print(f"  sampling (train.sample on {r['shape'][0]} x {r['shape'][1]} fp32 logits): {r['sampling_ms']:.3f} "
+        print(f"  sampling (engine.sample on {r['shape'][0]} x {r['shape'][1]} fp32 logits): {r['sampling_ms']:.3f} "
               f"ms/step | decode step {r['step_ms']:.3f} ms | {100 * r['sampling_share']:.1f}% of the step")
     if args.skip != 'train':
         r = bench_train(model, tok, args)

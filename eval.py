@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import engine
 import rewards
 import train
 
@@ -76,9 +77,9 @@ def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int]
     res = [dict(p, prompt=q) for p, q in zip(batch, prompts)]
     for key, n, temp in runs:
         gen = torch.Generator(device=args.device).manual_seed(seed)
-        out = train.generate(model, ids, n_samples=n, max_new_tokens=args.max_new_tokens, temperature=temp,
-                             top_p=1.0, eos_ids=eos_ids, stop_strings=['</answer>'], tok=tok, pad_id=eos_ids[0],
-                             generator=gen, engine=args.engine)
+        out = engine.generate(model, ids, n_samples=n, max_new_tokens=args.max_new_tokens, temperature=temp,
+                              top_p=1.0, eos_ids=eos_ids, stop_strings=['</answer>'], tok=tok, pad_id=eos_ids[0],
+                              generator=gen, engine=args.engine)
         lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()
         for i, r in enumerate(res):
             s = [score(tok.decode([x for x in out['ids'][j, :lens[j]].tolist() if x not in eos_ids]), r['gold'],

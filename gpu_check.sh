@@ -13,7 +13,7 @@
 #   3. bench.py on a random-weight Qwen2.5-3B-shaped model at real sizes (qwen's 151,665-token vocabulary):
 #      train step (4 micro-batches then the optimizer) with and without checkpointing, mfu and hfu; rollout at
 #      16 prompts x 8 samples x 512 new tokens, 128-token prompts, static engine vs the slow path vs
-#      model.generate, share of the bandwidth limit, train.sample's ms per decode step and share of the step
+#      model.generate, share of the bandwidth limit, engine.sample's ms per decode step and share of the step
 #   4. bench.py --rl: ms per phase of dapo steps of a scratch model at the Qwen2.5-3B shape
 #   5. bench.py --overlap: dr_grpo steps of a scratch model at the Qwen2.5-3B shape (byte vocabulary), sequential
 #      vs overlapped in one process, speedup against its cap; each one's rollout decode tok/s and share of the

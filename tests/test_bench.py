@@ -32,7 +32,7 @@ def test_rl_phases_cover_the_step():
 
 
 def test_rollout_prints_sampling_share():
-    """the rollout bench times train.sample on the rollout's (N, V) logits against its decode step (issue 21, 9)"""
+    """the rollout bench times engine.sample on the rollout's (N, V) logits against its decode step (issue 21, 9)"""
     p = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--skip', 'train', '--repeats', '1', '--prompts',
                         '2', '--group_size', '3', '--new_tokens', '8'], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

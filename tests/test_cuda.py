@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+import engine
 import train
 from test_decode import TOK, prompts, tiny
 
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a C
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def gen(m, engine, seed=0, **kw):
+def gen(m, kind, seed=0, **kw):
     kw = dict(dict(n_samples=4, max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
                    stop_strings=['e'], tok=TOK, pad_id=0), **kw)
-    return train.generate(m, prompts(), generator=torch.Generator('cuda').manual_seed(seed), engine=engine, **kw)
+    return engine.generate(m, prompts(), generator=torch.Generator('cuda').manual_seed(seed), engine=kind, **kw)
 
 
 def test_captured_buckets_equal_the_slow_path_fp32():
@@ -39,7 +40,7 @@ def test_a_kept_cache_captures_each_bucket_once_and_decodes_as_a_fresh_one():
     # seed, fewer prompts, a window wider than its prompts) replays the graphs the first captured, and draws what a
     # fresh cache draws; refreshing the weights in place keeps them; autocast's casts do not
     m = tiny().cuda()
-    kv = train.KVCache(rows=12, prompt_len=max(map(len, prompts())) + 3)
+    kv = engine.KVCache(rows=12, prompt_len=max(map(len, prompts())) + 3)
     first = gen(m, 'static', kv=kv)
     assert torch.equal(first['ids'], gen(m, 'static')['ids'])
     graphs = dict(kv.graphs)
@@ -48,12 +49,12 @@ def test_a_kept_cache_captures_each_bucket_once_and_decodes_as_a_fresh_one():
         for p in m.parameters():
             p.mul_(1.01)  # the refresh: new values, same addresses
     ps = prompts()[1:]
-    fresh = train.generate(m, ps, generator=torch.Generator('cuda').manual_seed(5), engine='static', n_samples=4,
+    fresh = engine.generate(m, ps, generator=torch.Generator('cuda').manual_seed(5), engine='static', n_samples=4,
+                            max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
+                            stop_strings=['e'], tok=TOK, pad_id=0)
+    kept = engine.generate(m, ps, generator=torch.Generator('cuda').manual_seed(5), engine='static', n_samples=4,
                            max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
-                           stop_strings=['e'], tok=TOK, pad_id=0)
-    kept = train.generate(m, ps, generator=torch.Generator('cuda').manual_seed(5), engine='static', n_samples=4,
-                          max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
-                          stop_strings=['e'], tok=TOK, pad_id=0, kv=kv)
+                           stop_strings=['e'], tok=TOK, pad_id=0, kv=kv)
     assert torch.equal(kept['ids'], fresh['ids']) and torch.equal(kept['mask'], fresh['mask'])
     torch.testing.assert_close(kept['logprobs'], fresh['logprobs'], rtol=0, atol=1e-3)
     assert all(kv.graphs[b] is g for b, g in graphs.items() if b in kv.graphs) and kv.graphs.keys() & graphs.keys()

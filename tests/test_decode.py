@@ -14,6 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 import bench  # noqa: E402
+import engine  # noqa: E402
 import train  # noqa: E402
 
 TOK = train.Tokenizer.bytes_level()
@@ -53,11 +54,11 @@ def prompts():
     return [TOK.encode(p) for p in PROMPTS]
 
 
-def gen(m, engine='static', n_samples=1, max_new_tokens=12, temperature=0.0, top_p=1.0, eos_ids=(EOS,),
+def gen(m, kind='static', n_samples=1, max_new_tokens=12, temperature=0.0, top_p=1.0, eos_ids=(EOS,),
         stop_strings=(), seed=0, ps=None):
-    return train.generate(m, ps or prompts(), n_samples=n_samples, max_new_tokens=max_new_tokens,
+    return engine.generate(m, ps or prompts(), n_samples=n_samples, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, eos_ids=list(eos_ids), stop_strings=list(stop_strings),
-                       tok=TOK, pad_id=EOS, generator=torch.Generator().manual_seed(seed), engine=engine)
+                       tok=TOK, pad_id=EOS, generator=torch.Generator().manual_seed(seed), engine=kind)
 
 
 def lengths(out):
@@ -79,7 +80,7 @@ def prefill(m, ps):
 
 
 @pytest.mark.parametrize('kept', [False, True], ids=['own', 'kept'])
-@pytest.mark.parametrize('buckets', [None, train.BUCKETS], ids=['exact', 'buckets'])
+@pytest.mark.parametrize('buckets', [None, engine.BUCKETS], ids=['exact', 'buckets'])
 @pytest.mark.parametrize('family', FAMILIES)
 @torch.no_grad()
 def test_static_engine_logits_equal_full_forward(family, buckets, kept):
@@ -91,15 +92,15 @@ def test_static_engine_logits_equal_full_forward(family, buckets, kept):
     m, g, G, T = tiny(family, std=0.2), torch.Generator().manual_seed(0), 2, 6
     kv = None
     if kept:
-        kv = train.KVCache(rows=8, prompt_len=11)
+        kv = engine.KVCache(rows=8, prompt_len=11)
         other = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (11, 9, 3, 5, 8)]
-        fill = train.static_engine(m, *prefill(m, other), 1, T, buckets, kv=kv)
+        fill = engine.static_engine(m, *prefill(m, other), 1, T, buckets, kv=kv)
         for _ in range(T - 1):
             fill(torch.randint(0, 256, (5,), generator=g), None)
         kv.K[:, :, :, 0], kv.V[:, :, :, 0] = float('nan'), float('nan')
     ps = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 4, 2)]
     cache, attn = prefill(m, ps)
-    advance = train.static_engine(m, cache, attn, G, T, buckets, kv=kv)
+    advance = engine.static_engine(m, cache, attn, G, T, buckets, kv=kv)
     live, fed = list(range(len(ps) * G)), [[] for _ in range(len(ps) * G)]
     drop, worst = {2: {1, 4}, 3: {0}, 4: {5}}, 0.0
     for t in range(T - 1):
@@ -125,14 +126,14 @@ def test_decode_step_makes_no_host_reads():
     valid = torch.zeros(N, S, dtype=torch.bool)
     valid[:, 3:6] = True
     with torch.no_grad(), torch.profiler.profile() as prof:
-        train.decode_step(m, torch.tensor([5, 6, 7]), torch.tensor([3, 2, 4]), torch.tensor(5), K, V, valid)
+        engine.decode_step(m, torch.tensor([5, 6, 7]), torch.tensor([3, 2, 4]), torch.tensor(5), K, V, valid)
     names = {e.name for e in prof.events()}
     assert 'aten::index_copy_' in names and not names & {'aten::item', 'aten::_local_scalar_dense', 'aten::is_nonzero'}
     assert K[:, :, :, 5].abs().sum() > 0 and K[:, :, :, :5].abs().sum() == 0  # wrote its slot, nothing else
 
 
 # -----------------------------------------------------------------------------
-# greedy == model.generate; static == hf engine == train.generate
+# greedy == model.generate; static == hf engine == engine.generate
 
 
 @pytest.mark.parametrize('family', FAMILIES[:2])

@@ -11,6 +11,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import engine  # noqa: E402
 import train  # noqa: E402
 
 TOK = train.Tokenizer.bytes_level()
@@ -45,9 +46,9 @@ def prompts():
 def gen(model, n_samples=1, max_new_tokens=12, temperature=1.0, top_p=1.0, eos_ids=(EOS,), stop_strings=(),
         seed=0):
     g = torch.Generator().manual_seed(seed)
-    return train.generate(model, prompts(), n_samples=n_samples, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, eos_ids=list(eos_ids), stop_strings=list(stop_strings),
-                          tok=TOK, pad_id=EOS, generator=g)
+    return engine.generate(model, prompts(), n_samples=n_samples, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, eos_ids=list(eos_ids), stop_strings=list(stop_strings),
+                           tok=TOK, pad_id=EOS, generator=g)
 
 
 def lengths(out):
@@ -233,8 +234,8 @@ def test_oov_ids_never_sampled():
     with torch.no_grad():
         probs = m(input_ids=ids).logits[0, -1].softmax(-1)
     assert probs[TOK.n_vocab:].sum() > 0.99
-    out = train.generate(m, prompts(), n_samples=70, max_new_tokens=3, temperature=1.0, top_p=1.0, eos_ids=[EOS],
-                         stop_strings=[], tok=TOK, pad_id=EOS, generator=torch.Generator().manual_seed(0))
+    out = engine.generate(m, prompts(), n_samples=70, max_new_tokens=3, temperature=1.0, top_p=1.0, eos_ids=[EOS],
+                          stop_strings=[], tok=TOK, pad_id=EOS, generator=torch.Generator().manual_seed(0))
     assert out['ids'].shape[0] == 210 and out['mask'].sum() >= 200
     assert (out['ids'] < TOK.n_vocab).all()
     assert torch.isfinite(out['logprobs']).all()
@@ -252,7 +253,7 @@ def test_top_p_samples_smallest_prefix():
     probs = torch.tensor([0.10, 0.40, 0.05, 0.30, 0.15])
     logits = probs.log().repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
-    tok, lp = train.sample(logits, 1.0, 0.5, g)
+    tok, lp = engine.sample(logits, 1.0, 0.5, g)
     counts = torch.bincount(tok, minlength=5)
     assert set(tok.unique().tolist()) == {1, 3}
     # within the prefix the renormalised odds stay 0.4 : 0.3 -> 4/7 = 0.571 of the draws are token 1
@@ -260,14 +261,14 @@ def test_top_p_samples_smallest_prefix():
     # the returned log-prob is the one under logits / T (documented contract), not the truncated distribution
     torch.testing.assert_close(lp, probs.log()[tok], rtol=0, atol=1e-6)
     # top_p 0.75: 0.40 + 0.30 = 0.70 < 0.75, so token 4 joins the prefix
-    tok, _ = train.sample(logits, 1.0, 0.75, g)
+    tok, _ = engine.sample(logits, 1.0, 0.75, g)
     assert set(tok.unique().tolist()) == {1, 3, 4}
 
 
 def test_top_p_one_and_temperature():
     probs = torch.tensor([0.10, 0.40, 0.05, 0.30, 0.15])
     g = torch.Generator().manual_seed(0)
-    tok, lp = train.sample(probs.log().repeat(4000, 1), 0.5, 1.0, g)
+    tok, lp = engine.sample(probs.log().repeat(4000, 1), 0.5, 1.0, g)
     # T=0.5 squares the odds: p^2 / sum p^2, sum p^2 = 0.01 + 0.16 + 0.0025 + 0.09 + 0.0225 = 0.285
     want = probs ** 2 / 0.285
     freq = torch.bincount(tok, minlength=5) / 4000
@@ -277,7 +278,7 @@ def test_top_p_one_and_temperature():
 
 def test_greedy_sample_is_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 2.9, 0.0]])
-    tok, lp = train.sample(logits, 0, 1.0, None)
+    tok, lp = engine.sample(logits, 0, 1.0, None)
     assert tok.tolist() == [1, 0]
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
 

@@ -19,6 +19,7 @@ def worker(out: str):
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    import engine
     import train
     dist.init_process_group('gloo')
     mesh = init_device_mesh('cpu', (2,))
@@ -35,8 +36,8 @@ def worker(out: str):
     for _ in range(2):  # rollouts, then a training step, twice
         model.eval()
         with train.gathered(model):
-            train.generate(model, [prompt], n_samples=2, max_new_tokens=4, temperature=1.0, top_p=1.0, eos_ids=[256],
-                           stop_strings=[], tok=tok, pad_id=256, generator=torch.Generator().manual_seed(0))
+            engine.generate(model, [prompt], n_samples=2, max_new_tokens=4, temperature=1.0, top_p=1.0, eos_ids=[256],
+                            stop_strings=[], tok=tok, pad_id=256, generator=torch.Generator().manual_seed(0))
         model.train()
         lp = train.token_logprobs(model, ids, attn, n)
         seen.setdefault('root gathered after forward', []).append(gathered(model))

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import bench
+import engine
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,8 +260,8 @@ def test_plan_matches_the_measured_peak_of_a_cpu_rollout(b, G, P, T):
     tok.n_vocab = SHAPE['V']
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(b)]
-    gen = lambda: train.generate(m, prompts, n_samples=G, max_new_tokens=T, temperature=1.0, top_p=1.0, eos_ids=[],
-                                 stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(0))
+    gen = lambda: engine.generate(m, prompts, n_samples=G, max_new_tokens=T, temperature=1.0, top_p=1.0, eos_ids=[],
+                                  stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(0))
     gen()
     got = sum(p.nbytes for p in m.parameters()) + peak_bytes(gen, 'cpu')
     cfg = cfg_of(mode='dr_grpo', batch_size=b, group_size=G, max_new_tokens=T, overlap=False)
@@ -390,8 +391,8 @@ if __name__ == '__main__':  # the 2-rank measurement above, under torchrun
 
     def roll():
         with train.gathered(m):
-            train.generate(m, prompts, n_samples=4, max_new_tokens=32, temperature=1.0, top_p=1.0, eos_ids=[],
-                           stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(rank))
+            engine.generate(m, prompts, n_samples=4, max_new_tokens=32, temperature=1.0, top_p=1.0, eos_ids=[],
+                            stop_strings=[], tok=tok, pad_id=0, generator=torch.Generator().manual_seed(rank))
     m.eval()
     roll()
     rc = dict(cfg, mode='dr_grpo', batch_size=4 * W, group_size=4, max_new_tokens=32)

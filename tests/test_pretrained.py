@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import eval as ev
+import engine
 import rewards
 import train
 
@@ -66,8 +67,8 @@ def test_chat_turn_stops_on_the_real_stop_token(smollm):
     model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32).eval()
     msgs = [{'role': 'user', 'content': 'Say hello in one word.'}]
     ids = tok.encode_prompt(tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    out = train.generate(model, [ids], n_samples=1, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_ids=[eos],
-                         stop_strings=['</answer>'], tok=tok, pad_id=eos)
+    out = engine.generate(model, [ids], n_samples=1, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_ids=[eos],
+                          stop_strings=['</answer>'], tok=tok, pad_id=eos)
     n = int(out['mask'].sum())
     assert not out['truncated'].item() and out['ids'][0, n - 1].item() == eos, tok.decode(out['ids'][0].tolist())
 
@@ -163,8 +164,8 @@ def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
     prompts = [tok.encode_prompt(tok.hf.apply_chat_template([{'role': 'user', 'content': 'Say hello in one word.'}],
                                                             tokenize=False, add_generation_prompt=True))]
     stops = ['</answer>'] if stop == 'eos' else ['glad']  # the reply: "I'm glad you're enjoying the service. ..."
-    out = train.generate(model, prompts, n_samples=2, max_new_tokens=40, temperature=0.0, top_p=1.0, eos_ids=[eos],
-                         stop_strings=stops, tok=tok, pad_id=eos)
+    out = engine.generate(model, prompts, n_samples=2, max_new_tokens=40, temperature=0.0, top_p=1.0, eos_ids=[eos],
+                          stop_strings=stops, tok=tok, pad_id=eos)
     comps = [out['ids'][i, :int(n)].tolist() for i, n in enumerate(out['mask'].sum(-1))]
     assert not out['truncated'].any(), [tok.decode(c) for c in comps]
     for c in comps:
@@ -189,9 +190,9 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
 
     def rollout(policy):
         with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-            return train.generate(policy, prompts, n_samples=2, max_new_tokens=24, temperature=1.0, top_p=1.0,
-                                  eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
-                                  generator=torch.Generator().manual_seed(0))
+            return engine.generate(policy, prompts, n_samples=2, max_new_tokens=24, temperature=1.0, top_p=1.0,
+                                   eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
+                                   generator=torch.Generator().manual_seed(0))
     infer = train.inference_copy(model, 'cpu', bf16=False, amp=True)
     own, same = rollout(model), rollout(infer)
     bf16 = rollout(copy.deepcopy(model).to(torch.bfloat16).eval())
