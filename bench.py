@@ -27,6 +27,7 @@ import time
 import torch
 
 import configurator
+import data
 import engine
 import train
 
@@ -90,7 +91,7 @@ def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
     if preset:
         return preset_shape(preset), f"preset {preset}"
     if src == 'scratch':
-        V = (train.Tokenizer.bytes_level().n_vocab + 63) // 64 * 64
+        V = (data.Tokenizer.bytes_level().n_vocab + 63) // 64 * 64
         return dict(L=cfg['n_layer'], h=cfg['n_embd'], H=cfg['n_head'], Hkv=cfg['n_kv_head'],
                     D=cfg['n_embd'] // cfg['n_head'], ff=cfg['n_ff'], V=V, n_tok=V, tied=True, bias=True), 'scratch'
     try:
@@ -303,8 +304,8 @@ def build(preset: str, device: str, ckpt: str = ''):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
     if ckpt:
         dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32
-        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval(), train.Tokenizer.load(ckpt)
-    p, tok = PRESETS[preset], train.Tokenizer.bytes_level()
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval(), data.Tokenizer.load(ckpt)
+    p, tok = PRESETS[preset], data.Tokenizer.bytes_level()
     # the byte tokenizer stands in for qwen's, at qwen's size: random prompts, no stop strings, so nothing is decoded
     tok.n_vocab = p.get('n_tok', tok.n_vocab)
     mc = Qwen2Config(vocab_size=p['vocab'] or 320, hidden_size=p['n_embd'], intermediate_size=p['n_ff'],
@@ -340,9 +341,9 @@ def bench_rollout(model, tok, args) -> dict:
     if args.ckpt:
         with open(os.path.join(args.ckpt, 'train_state.json')) as f:
             cfg = json.load(f)['config']
-        rows = train.arith_problems(args.prompts, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
+        rows = data.arith_problems(args.prompts, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
                                    task=cfg.get('arith_task', 'chain'))
-        prompts = [tok.encode_prompt(train.format_prompt(r['question'], cfg['prompt_template'], tok, '')) for r in rows]
+        prompts = [tok.encode_prompt(data.format_prompt(r['question'], cfg['prompt_template'], tok, '')) for r in rows]
         eos = [tok.token_id(tok.default_eos(cfg['prompt_template']))]
     else:
         prompts = [torch.randint(0, 256, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import data
 import engine
 import rewards
 import train
@@ -37,7 +38,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def load_problems(args, cfg: dict) -> list[dict]:
     """-> [{'id', 'question', 'gold'}] for one dataset name, or args.data."""
     if args.dataset == 'arith':
-        rows = train.arith_problems(args.limit or 500, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
+        rows = data.arith_problems(args.limit or 500, 'test', cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
                                    task=cfg['arith_task'])
         return [{'id': f'arith-{i}', 'question': r['question'], 'gold': r['answer']} for i, r in enumerate(rows)]
     if args.dataset in ('gsm8k', 'math500'):
@@ -71,7 +72,7 @@ def score(text: str, gold: str, n_tokens: int, truncated: bool) -> dict:
 
 
 def run_batch(model, tok, batch: list[dict], args, cfg: dict, eos_ids: list[int], seed: int) -> list[dict]:
-    prompts = [train.format_prompt(p['question'], cfg['prompt_template'], tok, cfg['system_prompt']) for p in batch]
+    prompts = [data.format_prompt(p['question'], cfg['prompt_template'], tok, cfg['system_prompt']) for p in batch]
     ids = [tok.encode_prompt(p) for p in prompts]
     runs = [('greedy', 1, 0.0)] + ([('samples', args.n_samples, args.temperature)] if args.n_samples else [])
     res = [dict(p, prompt=q) for p, q in zip(batch, prompts)]
@@ -253,9 +254,9 @@ def main(argv=None):
     extra = {'gguf_file': args.gguf_file} if args.gguf_file else {}
     if args.gguf_file:
         from transformers import AutoTokenizer
-        tok = train.Tokenizer(hf=AutoTokenizer.from_pretrained(path, **extra))
+        tok = data.Tokenizer(hf=AutoTokenizer.from_pretrained(path, **extra))
     else:
-        tok = train.load_pretrained(path, '--model', train.Tokenizer.load)
+        tok = train.load_pretrained(path, '--model', data.Tokenizer.load)
     model = (train.load_checkpoint_model(path, dtype) if train.is_checkpoint(path) else
              AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)).to(args.device).eval()
     try:
@@ -268,7 +269,7 @@ def main(argv=None):
     summaries = {}
     names = ['gsm8k', 'math500'] if args.dataset == 'both' else [args.dataset]
     for ds, problems in [(ds, load_problems(argparse.Namespace(**{**vars(args), 'dataset': ds}), cfg)) for ds in names]:
-        longest = max(len(tok.encode_prompt(train.format_prompt(p['question'], cfg['prompt_template'], tok,
+        longest = max(len(tok.encode_prompt(data.format_prompt(p['question'], cfg['prompt_template'], tok,
                                                                 cfg['system_prompt']))) for p in problems)
         if longest + args.max_new_tokens > n_pos:  # never run past the model's positions, nor size a cache for it
             raise SystemExit(f"--max_new_tokens {args.max_new_tokens} after the longest {ds} prompt ({longest} tokens) "

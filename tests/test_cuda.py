@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+import data
 import engine
 import train
 from test_decode import TOK, prompts, tiny
@@ -79,7 +80,7 @@ def test_captured_decode_under_autocast_matches_a_full_forward():
         out = gen(m, 'static')
         L = out['mask'].sum(-1).long().tolist()
         comps = [out['ids'][r, :n].tolist() for r, n in enumerate(L)]
-        ids, attn, cm = train.collate_rl([p for p in prompts() for _ in range(4)], comps, 0)
+        ids, attn, cm = data.collate_rl([p for p in prompts() for _ in range(4)], comps, 0)
         with torch.no_grad():
             full = train.token_logprobs(m, ids.cuda(), attn.cuda(), cm.shape[1], 0.7, vocab=TOK.n_vocab)
     d = ((full - out['logprobs'][:, :cm.shape[1]]).abs() * cm.cuda()).sum() / cm.sum()

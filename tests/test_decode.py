@@ -14,10 +14,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 import bench  # noqa: E402
+import data  # noqa: E402
 import engine  # noqa: E402
 import train  # noqa: E402
 
-TOK = train.Tokenizer.bytes_level()
+TOK = data.Tokenizer.bytes_level()
 EOS = TOK.token_id('<|endoftext|>')
 PROMPTS = ['12 + 34 = ?\n', 'hi', '<think>a longer prompt, with <answer> tags and more words']
 FAMILIES = ('qwen2', 'llama', 'qwen2-yarn')
@@ -197,7 +198,7 @@ def test_sampling_logprobs_equal_full_forward(temperature, top_p):
     L = lengths(out)
     assert len(set(L)) >= 3 and min(L) < 10, L
     comps = [out['ids'][r, :n].tolist() for r, n in enumerate(L)]
-    ids, attn, cm = train.collate_rl([p for p in prompts() for _ in range(3)], comps, EOS)
+    ids, attn, cm = data.collate_rl([p for p in prompts() for _ in range(3)], comps, EOS)
     with torch.no_grad():
         full = train.token_logprobs(m, ids, attn, cm.shape[1], temperature, 4, vocab=TOK.n_vocab)
     C = cm.shape[1]

@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+import data
 import train
 
 ARGS = ['config/tiny.py', '--ckpt_interval=3', '--batch_size=16', '--micro_batch_size=4']  # lr_decay_iters from the
@@ -132,21 +133,21 @@ def test_checkpoint_is_hugging_face_format(run_a, run_b1):
     assert model.config.model_type == 'qwen2' and model.config.architectures == ['Qwen2ForCausalLM']
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    tok = train.Tokenizer.load(ckpt)
+    tok = data.Tokenizer.load(ckpt)
     text = '7 + 5 = ?\n<think>7 + 5 = 12</think><answer>12</answer><|endoftext|>'
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    for s in train.SPECIALS:
+    for s in data.SPECIALS:
         assert len(tok.encode(s)) == 1 and tok.encode(s)[0] in ids
     # step 4's loss, recomputed from the step-3 checkpoint on step 4's batch, is what the run logged
     state = json.load(open(os.path.join(ckpt, 'train_state.json')))
     cfg = state['config']
     assert state['step'] == 3 and state['data_pos'] == 3 * cfg['batch_size']
-    rows = train.load_rows(cfg, cfg['split'])
+    rows = data.load_rows(cfg, cfg['split'])
     eos = tok.token_id('<|endoftext|>')
-    examples, _ = train.tokenize_sft(rows, tok, cfg['prompt_template'], cfg['system_prompt'], eos, cfg['max_seq_len'])
-    idx = train.step_indices(len(examples), cfg['batch_size'], state['data_pos'], cfg['seed'])
-    ids, attn, mask = train.collate_sft([examples[i] for i in idx], eos)
+    examples, _ = data.tokenize_sft(rows, tok, cfg['prompt_template'], cfg['system_prompt'], eos, cfg['max_seq_len'])
+    idx = data.step_indices(len(examples), cfg['batch_size'], state['data_pos'], cfg['seed'])
+    ids, attn, mask = data.collate_sft([examples[i] for i in idx], eos)
     with torch.no_grad():
         lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
     loss = (-(lp * mask).sum() / mask.sum()).item()
@@ -160,7 +161,7 @@ def test_checkpoint_is_hugging_face_format(run_a, run_b1):
 
 @pytest.fixture
 def tiny():
-    tok = train.Tokenizer.bytes_level()
+    tok = data.Tokenizer.bytes_level()
     cfg = dict(init_from='scratch', n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_ff=64, master_dtype='fp32', seed=0)
     model = train.build_model(cfg, tok)
     opt = train.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.float32)

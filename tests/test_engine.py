@@ -11,10 +11,11 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import data  # noqa: E402
 import engine  # noqa: E402
 import train  # noqa: E402
 
-TOK = train.Tokenizer.bytes_level()
+TOK = data.Tokenizer.bytes_level()
 EOS = TOK.token_id('<|endoftext|>')
 PROMPTS = ['12 + 34 = ?\n', 'hi', '<think>a longer prompt, with <answer> tags and more words']
 
@@ -104,7 +105,7 @@ def test_sampling_logprobs_equal_full_forward(model, temperature):
     assert len(set(L)) >= 3 and min(L) < 10, L
     comps = [out['ids'][i, :n].tolist() for i, n in enumerate(L)]
     ps = [p for p in prompts() for _ in range(3)]
-    ids, attn, cm = train.collate_rl(ps, comps, EOS)
+    ids, attn, cm = data.collate_rl(ps, comps, EOS)
     with torch.no_grad():
         full = train.token_logprobs(model, ids, attn, cm.shape[1], temperature, 4, vocab=TOK.n_vocab)
     C = cm.shape[1]
@@ -119,7 +120,7 @@ def test_greedy_logprobs_equal_full_forward(model):
     out = gen(model, temperature=0, eos_ids=list(range(0, 256, 4)), max_new_tokens=10)
     L = lengths(out)
     comps = [out['ids'][i, :n].tolist() for i, n in enumerate(L)]
-    ids, attn, cm = train.collate_rl(prompts(), comps, EOS)
+    ids, attn, cm = data.collate_rl(prompts(), comps, EOS)
     with torch.no_grad():
         full = train.token_logprobs(model, ids, attn, cm.shape[1], 1.0, 4, vocab=TOK.n_vocab)
     assert (full * cm - out['logprobs'][:, :cm.shape[1]]).abs().max() < 1e-4
@@ -292,7 +293,7 @@ def test_chunked_logprobs_equal_direct(model, temperature):
     g = torch.Generator().manual_seed(0)
     ps = prompts()
     comps = [torch.randint(0, TOK.n_vocab, (n,), generator=g).tolist() for n in (7, 2, 5)]
-    ids, attn, cm = train.collate_rl(ps, comps, EOS)
+    ids, attn, cm = data.collate_rl(ps, comps, EOS)
     C = cm.shape[1]
     w = torch.randn(3, C, generator=g)
 
@@ -329,8 +330,8 @@ def test_chunked_logprobs_equal_direct(model, temperature):
 def test_logprobs_ignore_left_padding(model):
     # pitfall B11: positions come from the mask, so a prompt padded to a longer batch scores the same
     p, c = prompts()[1], [65, 66, 67]
-    ids1, attn1, cm1 = train.collate_rl([p], [c], EOS)
-    ids2, attn2, cm2 = train.collate_rl([p, prompts()[2]], [c, [70]], EOS)
+    ids1, attn1, cm1 = data.collate_rl([p], [c], EOS)
+    ids2, attn2, cm2 = data.collate_rl([p, prompts()[2]], [c, [70]], EOS)
     with torch.no_grad():
         alone = train.token_logprobs(model, ids1, attn1, 3, 1.0, 4, vocab=TOK.n_vocab)
         padded = train.token_logprobs(model, ids2, attn2, 3, 1.0, 4, vocab=TOK.n_vocab)

@@ -11,13 +11,14 @@ import torch
 
 import eval as ev
 import rewards
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 # the tiny checkpoint is trained on a task that differs from eval.py's fallbacks (seed 1337, 3 terms, 2 digits,
-# 'chain'), so `--dataset arith` can only match train.arith_problems if it reads the settings from the checkpoint
+# 'chain'), so `--dataset arith` can only match data.arith_problems if it reads the settings from the checkpoint
 SEED, TERMS, DIGITS, TASK = 7, 4, 2, 'column'
 GEN = ['--limit', '6', '--max_new_tokens', '24', '--n_samples', '3', '--k', '1,2', '--batch_size', '2']
 
@@ -289,11 +290,11 @@ def test_arith_reads_task_from_checkpoint(sft, tmp_path):
     run_eval(['--ckpt', sft, '--dataset', 'arith', '--limit', '8', '--max_new_tokens', '4', '--batch_size', '8',
               '--out', tmp_path])
     rows = read_jsonl(one(tmp_path, '4.jsonl'))
-    want = train.arith_problems(8, 'test', SEED, TERMS, DIGITS, task=TASK)
+    want = data.arith_problems(8, 'test', SEED, TERMS, DIGITS, task=TASK)
     assert [(r['question'], r['gold']) for r in rows] == [(w['question'], w['answer']) for w in want]
     assert all(len(r['question'].split()) == 2 * TERMS + 1 for r in rows)  # 4 numbers, 3 operators, '= ?'
     assert all(r['prompt'] == r['question'] + '\n' for r in rows)
-    seen = {r['question'] for r in train.arith_problems(20000, 'train', SEED, TERMS, DIGITS, task=TASK)}  # sft's
+    seen = {r['question'] for r in data.arith_problems(20000, 'train', SEED, TERMS, DIGITS, task=TASK)}  # sft's
     assert not seen & {r['question'] for r in rows}
     s = summary(tmp_path)['arith']
     assert s['n'] == 8 and 'pass@1_greedy' in s and 'pass@1_sampled' not in s  # no --n_samples: greedy only

@@ -19,11 +19,12 @@ def worker(out: str):
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    import data
     import engine
     import train
     dist.init_process_group('gloo')
     mesh = init_device_mesh('cpu', (2,))
-    tok = train.Tokenizer.bytes_level()
+    tok = data.Tokenizer.bytes_level()
     cfg = dict(init_from='scratch', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_ff=128, master_dtype='fp32', seed=0)
     model = train.shard(train.build_model(cfg, tok), mesh, None)
     ref = train.shard(train.build_model(cfg, tok).requires_grad_(False).eval(), mesh, None, frozen=True)

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import bench
+import data
 import engine
 import train
 
@@ -256,7 +257,7 @@ def test_plan_matches_the_measured_peak_of_a_cpu_step(mode, ckpt, B, T):
 @pytest.mark.parametrize('b,G,P,T', [(4, 8, 32, 96), (8, 4, 64, 64)])
 def test_plan_matches_the_measured_peak_of_a_cpu_rollout(b, G, P, T):
     m = qwen(SHAPE).eval()
-    tok = train.Tokenizer.bytes_level()
+    tok = data.Tokenizer.bytes_level()
     tok.n_vocab = SHAPE['V']
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(b)]
@@ -381,7 +382,7 @@ if __name__ == '__main__':  # the 2-rank measurement above, under torchrun
     dist.init_process_group('gloo')
     rank, W, res = dist.get_rank(), dist.get_world_size(), {}
     mesh = init_device_mesh('cpu', (W,))
-    tok = train.Tokenizer.bytes_level()
+    tok = data.Tokenizer.bytes_level()
     tok.n_vocab = FSDP_SHAPE['V']
     for what, (cfg, plan, other) in fsdp_steps(W).items():
         m, opt, got = measured_step(FSDP_SHAPE, cfg, mesh=mesh, chunk=CHUNK)

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,10 +100,10 @@ def pending_logprobs(ckpt, model_dir):
     model = train.build_model({'init_from': model_dir, 'master_dtype': 'fp32'}, None).eval()
     prompts = [g['prompt'] for g in groups for _ in g['comps']]
     comps = [c for g in groups for c in g['comps']]
-    ids, attn, cm = train.collate_rl(prompts, comps, 0)
+    ids, attn, cm = data.collate_rl(prompts, comps, 0)
     with torch.no_grad():
-        full = train.token_logprobs(model, ids, attn, cm.shape[1], 1.0, vocab=train.Tokenizer.load(model_dir).n_vocab)
-    rec = train.pad_rows([lp for g in groups for lp in g['lps']], cm.shape[1])
+        full = train.token_logprobs(model, ids, attn, cm.shape[1], 1.0, vocab=data.Tokenizer.load(model_dir).n_vocab)
+    rec = data.pad_rows([lp for g in groups for lp in g['lps']], cm.shape[1])
     return ((full - rec).abs() * cm).max().item()
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import eval as ev
+import data
 import engine
 import rewards
 import train
@@ -49,7 +50,7 @@ def test_chat_eval_states_the_format_and_flexible_is_at_least_strict(smollm, tmp
     rows = [json.loads(line) for line in open(next(tmp_path.glob('results-*[0-9a-f].jsonl')))]
     assert len(rows) == 2
     for r in rows:  # the format is stated inside the user turn, before the assistant's
-        assert r['prompt'].index(train.R1_TAGS) < r['prompt'].index('<|im_start|>assistant'), r['prompt']
+        assert r['prompt'].index(data.R1_TAGS) < r['prompt'].index('<|im_start|>assistant'), r['prompt']
         for g in [r['greedy']] + r['samples']:
             assert g['flex_answer'] == rewards.extract_flexible(g['completion'])
             assert g['flex_correct'] >= g['correct']
@@ -61,7 +62,7 @@ def test_chat_eval_states_the_format_and_flexible_is_at_least_strict(smollm, tmp
 def test_chat_turn_stops_on_the_real_stop_token(smollm):
     """the chat eos is one token of this tokenizer, and greedy decoding of a short turn ends on it, not at the cap."""
     from transformers import AutoModelForCausalLM
-    tok = train.Tokenizer.load(smollm)
+    tok = data.Tokenizer.load(smollm)
     eos = tok.token_id(tok.default_eos('chat'))
     assert eos == tok.hf.convert_tokens_to_ids('<|im_end|>')
     model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32).eval()
@@ -76,13 +77,13 @@ def test_chat_turn_stops_on_the_real_stop_token(smollm):
 def test_sft_steps_lower_the_loss_on_real_text(smollm):
     """three steps on one GSM8K solution (its shortest): the real model's loss on it falls at every step."""
     from transformers import AutoModelForCausalLM
-    tok = train.Tokenizer.load(smollm)
+    tok = data.Tokenizer.load(smollm)
     model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
-    rows = train.load_rows(dict(dataset=TRAIN, question_field='question', answer_field='answer', reasoning_field='',
+    rows = data.load_rows(dict(dataset=TRAIN, question_field='question', answer_field='answer', reasoning_field='',
                                 mode='sft'), 'train')[1:2]
     eos = tok.token_id(tok.default_eos('chat'))
-    examples, dropped = train.tokenize_sft(rows, tok, 'chat', 'You are a helpful assistant.', eos, 1024)
-    ids, attn, mask = train.collate_sft(examples, eos)
+    examples, dropped = data.tokenize_sft(rows, tok, 'chat', 'You are a helpful assistant.', eos, 1024)
+    ids, attn, mask = data.collate_sft(examples, eos)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5)
     losses = []
     for _ in range(3):
@@ -146,7 +147,7 @@ GEMMA = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assi
     ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", [], '<|im_end|>'),  # closes turns with no token: eos
 ])
 def test_the_end_of_turn_token_comes_from_the_chat_template(smollm, template, specials, want):
-    tok = train.Tokenizer.load(smollm)
+    tok = data.Tokenizer.load(smollm)
     tok.hf.add_special_tokens({'additional_special_tokens': specials})
     if template is not None:
         tok.hf.chat_template = template
@@ -158,7 +159,7 @@ def test_the_end_of_turn_token_comes_from_the_chat_template(smollm, template, sp
 def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
     """real chat prompts, real sampling, pad id == end-of-turn id: the last token of every completion that stopped
     (the end-of-turn token, or the last token of the stop string) is inside the loss mask, and nothing after it."""
-    tok = train.Tokenizer.load(smollm)
+    tok = data.Tokenizer.load(smollm)
     model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, tok).eval()
     eos = tok.token_id(tok.default_eos('chat'))
     prompts = [tok.encode_prompt(tok.hf.apply_chat_template([{'role': 'user', 'content': 'Say hello in one word.'}],
@@ -170,7 +171,7 @@ def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
     assert not out['truncated'].any(), [tok.decode(c) for c in comps]
     for c in comps:
         assert c[-1] == eos if stop == 'eos' else (c[-1] != eos and 'glad' in tok.decode(c[-1:])), tok.decode(c)
-    ids, attn, cm = train.collate_rl([p for p in prompts for _ in range(2)], comps, pad_id=eos)
+    ids, attn, cm = data.collate_rl([p for p in prompts for _ in range(2)], comps, pad_id=eos)
     for i, c in enumerate(comps):
         assert cm[i].tolist() == [1.0] * len(c) + [0.0] * (cm.shape[1] - len(c))
         assert ids[i, -cm.shape[1]:][len(c) - 1].item() == c[-1]  # the masked-in last target is the stop token
@@ -182,10 +183,10 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
     cpu autocast stands in for cuda's: the same seed draws the same tokens with the same log-probs from the copy as
     from the model itself; a bf16 copy does not."""
     import copy
-    tok = train.Tokenizer.load(smollm)
+    tok = data.Tokenizer.load(smollm)
     model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, tok).eval()
     eos = tok.token_id(tok.default_eos('chat'))
-    prompts = [tok.encode_prompt(train.format_prompt(json.loads(line)['question'], 'chat', tok, 'You are a helpful '
+    prompts = [tok.encode_prompt(data.format_prompt(json.loads(line)['question'], 'chat', tok, 'You are a helpful '
                                                      'assistant.')) for line in open(TEST)][:2]
 
     def rollout(policy):

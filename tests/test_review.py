@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import data
 import eval as ev
 import train
 
@@ -112,7 +113,7 @@ def hf_tokenizer(add_bos: bool):
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     if add_bos:
         t.post_processor = processors.TemplateProcessing(single='<s> $A </s>', special_tokens=[('<s>', 1), ('</s>', 2)])
-    return train.Tokenizer(hf=PreTrainedTokenizerFast(tokenizer_object=t, bos_token='<s>', eos_token='</s>',
+    return data.Tokenizer(hf=PreTrainedTokenizerFast(tokenizer_object=t, bos_token='<s>', eos_token='</s>',
                                                       unk_token='<unk>'))
 
 
@@ -122,10 +123,10 @@ def test_prompt_starts_with_bos_exactly_when_the_tokenizer_adds_one(add_bos):
     p = tok.encode_prompt('what is 2 + 2 ?')
     assert p == ([1] if add_bos else []) + [3, 4, 5, 6, 5, 7]  # bos only; the </s> the processor appends is not taken
     assert tok.encode_prompt('<s> what is 2') == [1, 3, 4, 5]  # a template that wrote bos is not doubled
-    (ids, n_prompt), = train.tokenize_sft([{'question': 'what is 2 + 2 ?', 'reasoning': '2 + 2', 'answer': '4'}],
+    (ids, n_prompt), = data.tokenize_sft([{'question': 'what is 2 + 2 ?', 'reasoning': '2 + 2', 'answer': '4'}],
                                           tok, '{question}', '', 2, 64)[0]
     assert ids[:n_prompt] == p and 1 not in ids[n_prompt:]  # the completion never gets one
-    assert train.Tokenizer.bytes_level().encode_prompt('hi') == list(b'hi')  # scratch tokenizer: no bos
+    assert data.Tokenizer.bytes_level().encode_prompt('hi') == list(b'hi')  # scratch tokenizer: no bos
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_prompt_starts_with_bos_exactly_when_the_tokenizer_adds_one(add_bos):
 
 
 def test_reference_computes_as_the_policy_under_autocast():
-    tok = train.Tokenizer.bytes_level()
+    tok = data.Tokenizer.bytes_level()
     cfg = dict(init_from='scratch', n_embd=64, n_ff=128, n_layer=2, n_head=4, n_kv_head=2, seed=0)
     policy = train.build_model(dict(cfg, master_dtype='fp32'), tok).eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

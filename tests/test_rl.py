@@ -15,6 +15,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import data  # noqa: E402
 import train  # noqa: E402
 
 MODES = ('grpo', 'dr_grpo', 'dapo')
@@ -228,10 +229,10 @@ def test_on_policy_loss_is_zero_for_grpo_but_gradient_is_not():
 def test_on_policy_skip_of_the_old_forward_is_exact():
     # num_iterations 1: train.py takes old = the update forward's own log-probs, detached, instead of a separate
     # no-grad forward. That is exact only if the no-grad forward gives the same bits, entropy included.
-    tok = train.Tokenizer.bytes_level()
+    tok = data.Tokenizer.bytes_level()
     model = train.build_model(dict(init_from='scratch', n_embd=32, n_ff=64, n_layer=2, n_head=4, n_kv_head=2,
                                    seed=0, master_dtype='fp32'), tok)
-    ids, attn, cm = train.collate_rl([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], 0)
+    ids, attn, cm = data.collate_rl([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], 0)
     A = torch.tensor([1.0, -1.0])
     with torch.no_grad():
         old, ent0 = train.token_logprobs(model, ids, attn, 4, 0.7, 3, entropy=True, vocab=tok.n_vocab)
@@ -556,7 +557,7 @@ import train
 ddp = 'RANK' in os.environ
 rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
 torch.set_num_threads(1)
-tok = train.Tokenizer.bytes_level()
+tok = data.Tokenizer.bytes_level()
 cfg = dict(init_from='scratch', n_embd=32, n_ff=64, n_layer=2, n_head=4, n_kv_head=2, seed=0, master_dtype='fp32')
 model = train.build_model(cfg, tok)
 if ddp:
@@ -587,7 +588,7 @@ def grads(mode, micro_size):
     norm = {'grpo': n_seq, 'dr_grpo': n_seq * MAX_NEW, 'dapo': n_tok}[mode]
     clip = torch.zeros(2)
     for k, idx in enumerate(micro):
-        ids, attn, cm = train.collate_rl([prompts[i] for i in idx], [comps[i] for i in idx], 256)
+        ids, attn, cm = data.collate_rl([prompts[i] for i in idx], [comps[i] for i in idx], 256)
         C = cm.shape[1]
         with torch.no_grad():
             cur = train.token_logprobs(model, ids, attn, C, 0.7, 3, vocab=tok.n_vocab)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,14 +17,14 @@ TINY = dict(init_from='scratch', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_
 
 @pytest.fixture(scope='module')
 def tok():
-    return train.Tokenizer.bytes_level()
+    return data.Tokenizer.bytes_level()
 
 
 @pytest.fixture(scope='module')
 def examples(tok):
-    rows = train.arith_problems(40, 'train', seed=0, terms=3, digits=2)
+    rows = data.arith_problems(40, 'train', seed=0, terms=3, digits=2)
     eos = tok.token_id('<|endoftext|>')
-    ex, dropped = train.tokenize_sft(rows, tok, '{question}\n', '', eos, max_len=128)
+    ex, dropped = data.tokenize_sft(rows, tok, '{question}\n', '', eos, max_len=128)
     assert dropped == 0 and len(ex) == 40
     return ex
 
@@ -51,7 +52,7 @@ def test_sft_mask_positions(tok):
     rows = [{'question': '12 + 3 = ?', 'reasoning': '12 + 3 = 15', 'answer': '15'},
             {'question': '7 - 9 = ?', 'reasoning': '7 - 9 = -2', 'answer': '-2'}]
     eos = tok.token_id('<|endoftext|>')
-    ex, _ = train.tokenize_sft(rows, tok, 'Q: {question}\nA: ', '', eos, max_len=128)
+    ex, _ = data.tokenize_sft(rows, tok, 'Q: {question}\nA: ', '', eos, max_len=128)
     for (ids, n_prompt), r in zip(ex, rows):
         prompt = f"Q: {r['question']}\nA: "  # the byte tokenizer: one token per byte, one per special
         completion = f"<think>{r['reasoning']}</think><answer>{r['answer']}</answer>"
@@ -60,7 +61,7 @@ def test_sft_mask_positions(tok):
         assert len(ids) == n_prompt + len(completion.encode()) - n_specials_bytes + 4 + 1
         assert ids[-1] == eos and tok.decode(ids[n_prompt:-1]) == completion
     pad = 999
-    ids, attn, mask = train.collate_sft(ex, pad)
+    ids, attn, mask = data.collate_sft(ex, pad)
     L = max(len(x) for x, _ in ex)
     assert ids.shape == (2, L) and mask.shape == (2, L - 1)
     for i, (x, n_prompt) in enumerate(ex):
@@ -78,7 +79,7 @@ def test_sft_mask_positions(tok):
 def test_prompt_and_padding_get_zero_gradient(tok, examples):
     model = train.build_model(TINY, tok)
     batch = examples[:4]
-    ids, attn, mask = train.collate_sft(batch, pad_id=0)
+    ids, attn, mask = data.collate_sft(batch, pad_id=0)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1, :tok.n_vocab].detach().requires_grad_(True)
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
     (-(lp * mask).sum() / mask.sum()).backward()
@@ -112,7 +113,7 @@ GSM8K = [
 
 
 def test_gsm8k_rows_convert():
-    rows = train.to_rows(GSM8K, 'question', 'answer', '', 'gsm8k')
+    rows = data.to_rows(GSM8K, 'question', 'answer', '', 'gsm8k')
     assert [r['answer'] for r in rows] == ['2125', '2']
     assert rows[0]['question'] == GSM8K[0]['question']
     assert rows[1]['reasoning'] == ("She is inviting 16 guests that will eat 3 deviled egg halves each so she needs "
@@ -121,19 +122,19 @@ def test_gsm8k_rows_convert():
                                     "= 2 dozen eggs")
     for r in rows:
         assert '<<' not in r['reasoning'] and '>>' not in r['reasoning'] and '####' not in r['reasoning']
-    assert train.completion_text(rows[1]).endswith('dozen eggs</think><answer>2</answer>')
+    assert data.completion_text(rows[1]).endswith('dozen eggs</think><answer>2</answer>')
 
 
 def test_arith_column_trace_worked_by_hand():
-    r = train.arith_problems(1, 'train', seed=1, terms=2, digits=3, task='column')[0]
+    r = data.arith_problems(1, 'train', seed=1, terms=2, digits=3, task='column')[0]
     # 675 + 445: 5+5 = 10 (carry 1), 7+4+1 = 12 (carry 1), 6+4+1 = 11, so 1120
     assert r == {'question': '675 + 445 = ?', 'reasoning': '5+5=10\n7+4+1=12\n6+4+1=11', 'answer': '1120'}
 
 
 @pytest.mark.parametrize('task,terms,digits', [('chain', 4, 1), ('chain', 3, 2), ('column', 2, 3), ('column', 3, 4)])
 def test_arith_traces_add_up_and_splits_are_disjoint(task, terms, digits):
-    train_rows = train.arith_problems(3000, 'train', 5, terms, digits, task=task)
-    test_rows = train.arith_problems(300, 'test', 5, terms, digits, task=task)
+    train_rows = data.arith_problems(3000, 'train', 5, terms, digits, task=task)
+    test_rows = data.arith_problems(300, 'test', 5, terms, digits, task=task)
     assert not {r['question'] for r in train_rows} & {r['question'] for r in test_rows}
     for r in train_rows + test_rows:
         assert int(r['answer']) == eval(r['question'].removesuffix(' = ?'))
@@ -150,10 +151,10 @@ def test_arith_traces_add_up_and_splits_are_disjoint(task, terms, digits):
 
 
 def test_arith_trace_frac_skips_that_share_of_traces():
-    rows = train.arith_problems(4000, 'train', 0, 2, 3, trace_frac=0.3, task='column')
+    rows = data.arith_problems(4000, 'train', 0, 2, 3, trace_frac=0.3, task='column')
     shown = sum(r['reasoning'] != '' for r in rows) / len(rows)
     assert abs(shown - 0.3) < 0.03, shown  # binomial sd is 0.007
-    full = train.arith_problems(4000, 'train', 0, 2, 3, trace_frac=1.0, task='column')
+    full = data.arith_problems(4000, 'train', 0, 2, 3, trace_frac=1.0, task='column')
     assert [r['question'] for r in rows] == [r['question'] for r in full], "skipping must not change the problems"
 
 
@@ -166,7 +167,7 @@ def test_arith_trace_frac_skips_that_share_of_traces():
 ])
 def test_gsm8k_malformed_row_names_index_and_field(bad, field, needle):
     with pytest.raises(ValueError) as e:
-        train.to_rows(GSM8K + [bad], 'question', 'answer', '', 'gsm8k.jsonl')
+        data.to_rows(GSM8K + [bad], 'question', 'answer', '', 'gsm8k.jsonl')
     msg = str(e.value)
     assert 'gsm8k.jsonl' in msg and 'row 2' in msg and f"'{field}'" in msg and needle in msg, msg
 
@@ -176,7 +177,7 @@ def test_jsonl_with_reasoning_field(tmp_path):
     path.write_text(json.dumps({'q': 'one?', 'why': ' because ', 'a': ' 1 '}) + '\n\n'
                     + json.dumps({'q': 'two?', 'why': 'b', 'a': '2'}) + '\n')
     cfg = dict(dataset=str(path), question_field='q', answer_field='a', reasoning_field='why', mode='sft')
-    assert train.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': 'because', 'answer': '1'},
+    assert data.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': 'because', 'answer': '1'},
                                              {'question': 'two?', 'reasoning': 'b', 'answer': '2'}]
 
 
@@ -188,10 +189,10 @@ def test_rl_rows_need_no_reasoning(tmp_path, reasoning_field):
     cfg = dict(dataset=str(path), question_field='q', answer_field='a', reasoning_field=reasoning_field, mode='dapo')
     second = ({'question': 'two?', 'reasoning': '', 'answer': 'x #### 2'} if reasoning_field else
               {'question': 'two?', 'reasoning': 'x', 'answer': '2'})  # a gsm8k solution still gives its final answer
-    assert train.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': '', 'answer': '1'}, second]
+    assert data.load_rows(cfg, 'train') == [{'question': 'one?', 'reasoning': '', 'answer': '1'}, second]
     with pytest.raises(ValueError, match="row 0: field 'why' is missing" if reasoning_field else
                        "row 0: sft needs a worked solution, but field 'a' has no '####'"):
-        train.load_rows(dict(cfg, mode='sft'), 'train')
+        data.load_rows(dict(cfg, mode='sft'), 'train')
 
 
 @pytest.mark.parametrize('content,needle', [(None, "dataset = '{p}': no such file"), ('', "{p}: no rows"),
@@ -202,7 +203,7 @@ def test_data_file_errors_name_the_path(tmp_path, content, needle):
         path.write_text(content)
     cfg = dict(dataset=str(path), question_field='question', answer_field='answer', reasoning_field='', mode='grpo')
     with pytest.raises(ValueError) as e:
-        train.load_rows(cfg, 'train')
+        data.load_rows(cfg, 'train')
     assert needle.format(p=path) in str(e.value), str(e.value)
 
 
@@ -230,7 +231,7 @@ def test_real_gsm8k_file_converts(tmp_path):
     path = tmp_path / 'gsm8k.jsonl'
     path.write_text(''.join(head))
     cfg = dict(dataset=str(path), question_field='question', answer_field='answer', reasoning_field='', mode='sft')
-    rows = train.load_rows(cfg, 'train')
+    rows = data.load_rows(cfg, 'train')
     assert len(rows) == 200
     for i, r in enumerate(rows):
         float(r['answer'])  # every final answer is a plain number (no commas, no units)
@@ -244,7 +245,7 @@ def test_real_gsm8k_file_converts(tmp_path):
 def sft_grads(model, batch, micro_batch_size, vocab):
     """the sft step of train.py's loop: one step-wide token count, loss summed over micro-batches by backward."""
     model.zero_grad(set_to_none=True)
-    micro = [train.collate_sft(batch[s:s + micro_batch_size], 0) for s in range(0, len(batch), micro_batch_size)]
+    micro = [data.collate_sft(batch[s:s + micro_batch_size], 0) for s in range(0, len(batch), micro_batch_size)]
     norm = sum(mk.sum() for _, _, mk in micro)
     total = 0.0
     for ids, attn, mk in micro:
@@ -299,7 +300,7 @@ def small_update_delta(tok, examples, master, state_dtype):
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=state_dtype)
     for s in range(5):
-        ids, attn, mask = train.collate_sft(examples[8 * s:8 * s + 8], 0)
+        ids, attn, mask = data.collate_sft(examples[8 * s:8 * s + 8], 0)
         lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
         (-(lp * mask).sum() / mask.sum()).backward()
         opt.step()
