@@ -17,11 +17,8 @@ import contextlib
 import io
 import json
 import os
-import runpy
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -453,20 +450,34 @@ def bench_train(model, tok, args) -> dict:
     return out
 
 
-def run_steps(train_args: list[str], read=lambda g: None) -> tuple[list[dict], object]:
-    """train.py's own loop in this process (runpy) -> (its metrics.jsonl rows but the first (warm-up: kernel choice,
-    allocator, an overlapped run's first rollout that nothing hides), read(train.py's globals after the run)): what
-    the caller needs of the run, never the namespace, which would keep its model and optimizer through the next run"""
-    out, n_threads = tempfile.mkdtemp(prefix='bench-rl-'), torch.get_num_threads()
-    sys.argv = ['train.py'] + train_args + [f'--out_dir={out}', '--log_interval=100000', '--ckpt_interval=100000']
-    path = os.path.join(os.path.dirname(os.path.abspath(train.__file__)), 'train.py')
-    with contextlib.redirect_stdout(io.StringIO()):
-        g = runpy.run_path(path, run_name='__main__')
-    torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
-    with open(os.path.join(out, 'metrics.jsonl')) as f:
-        rows = [json.loads(line) for line in f][1:]
-    shutil.rmtree(out)
-    return rows, read(g)
+def run_steps(train_args: list[str], read=lambda r: None) -> tuple[list[dict], object]:
+    """train.py's steps in this process, as its loop runs them (setup, build, data, then train_step, timed step to
+    step), without checkpoints or metrics files -> (each step's metrics but the first (warm-up: kernel choice,
+    allocator, an overlapped run's first rollout that nothing hides), read(the run)): what the caller needs of the
+    run, never the run itself, which would keep its model and optimizer through the next one"""
+    cfg, n_threads = {k: getattr(train, k) for k in train.config_keys}, torch.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()):  # 'override:' and 'data:' lines
+        configurator.configure(cfg, train_args)
+        r = train.setup(train.mode_defaults(cfg))
+        torch.manual_seed(r.seed)
+        train.build(r, r.init_from, r.init_from)
+        train.load_data(r)
+    r.pending, r.preempt = None, train.Preemption(lambda *a: None, r.ddp, r.device, r.log)
+    if r.overlap:
+        train.start_overlap(r, max(map(len, r.prompts)))
+    rows, data_pos, t = [], 0, time.time()
+    try:
+        for step in range(r.max_iters):
+            train.set_lr(r, step)
+            m, data_pos = train.train_step(r, step, data_pos)
+            rows.append({k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()})  # host sync
+            rows[-1]['time_ms'], t = (time.time() - t) * 1000, time.time()
+    finally:
+        if r.overlap:
+            r.threads.shutdown()  # the last step's launch: waited for, not abandoned mid-rollout
+        r.preempt.close()
+        torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
+    return rows[1:], read(r)
 
 
 RL_PHASES = {'rollout': ('t_rollout',), 'reward': ('t_reward',), 'advantages': ('t_adv',),
@@ -490,12 +501,12 @@ def bench_overlap(train_args: list[str], repeats: int, card: str) -> dict:
     but each run's first. decode tok/s: the rollout's tokens (len_mean x rows) / t_rollout, over the steps of one
     generation round (metrics.jsonl does not say how many rows dapo's later rounds had), and its share of the
     bandwidth limit as bench_rollout's, the kv window from the data set's longest prompt"""
-    def reads(g):  # what a decode step reads: bf16 weight casts and kv under autocast or fsdp2 on gpus, else the
+    def reads(r):  # what a decode step reads: bf16 weight casts and kv under autocast or fsdp2 on gpus, else the
         # master dtype; the rows of a round on this rank; the engine's window
-        nbytes = 2 if g['cuda'] or g['amp_on'] else train.DTYPES[g['master_dtype']].itemsize
-        w, kv = decode_bytes(g['model'].config, nbytes)
-        rows, ctx = g['batch_size'] // g['world'] * g['group_size'], max(map(len, g['prompts'])) + g['max_new_tokens']
-        return w, kv, rows, ctx, card_bw(g['cuda'], card)
+        nbytes = 2 if r.cuda or r.amp_on else train.DTYPES[r.master_dtype].itemsize
+        w, kv = decode_bytes(r.model.config, nbytes)
+        rows, ctx = r.batch_size // r.world * r.group_size, max(map(len, r.prompts)) + r.max_new_tokens
+        return w, kv, rows, ctx, card_bw(r.cuda, card)
 
     steps = {False: [], True: []}
     for _ in range(repeats):

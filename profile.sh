@@ -25,12 +25,12 @@ if command -v nsys >/dev/null && python -c "import torch; assert torch.cuda.is_a
   echo "open profiles/$name.nsys-rep in Nsight Systems"
 else
   python - "$cfg" $steps <<'PY'
-import runpy, sys, torch
+import sys, torch
 from torch.profiler import ProfilerActivity, profile
+import bench
 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-sys.argv = ['train.py'] + sys.argv[1:]
 with profile(activities=acts, record_shapes=True) as prof:
-    runpy.run_path('train.py', run_name='__main__')
+    bench.run_steps(sys.argv[1:])  # train.py's step functions, as its loop calls them
 prof.export_chrome_trace('profiles/trace.json')
 print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15))
 phases = ('forward', 'backward', 'optimizer_step', 'rollout_generation', 'reward_computation', 'advantage_computation',

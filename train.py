@@ -34,8 +34,10 @@ import select
 import shutil
 import signal
 import threading
+import types
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import nvtx
 import torch
@@ -360,7 +362,30 @@ def refresh(infer, model):
 
 
 # -----------------------------------------------------------------------------
-# advantages and the policy loss
+# advantages and the policy loss: each mode's differences stand here together (the module docstring's formulas): the
+# advantage's std, the reference's kl, the loss's denominator, clip-higher, dynamic sampling and overlong shaping
+
+
+def mode_defaults(c: dict) -> dict:
+    """the settings a mode implies where the config leaves them to it (0, 'auto'): dapo's clip-higher, eps_high 0.28
+    (else eps_low, a symmetric clip), and dapo's overlong penalty, 'fixed' (the seed's; else 'none')."""
+    return dict(c, eps_high=c['eps_high'] or (0.28 if c['mode'] == 'dapo' else c['eps_low']),
+                overlong={'auto': 'fixed' if c['mode'] == 'dapo' else 'none'}.get(c['overlong'], c['overlong']))
+
+
+def loss_norm(mode: str, n_seq: float, n_tok: float, max_len: int | None) -> float:
+    """the loss's denominator over one optimizer step (all micro-batches, all ranks): grpo the sequences (each one's
+    token losses already averaged over its own length), dr_grpo sequences x max_new_tokens (a constant: no length
+    bias), dapo the completion tokens (token-level)."""
+    if mode == 'grpo':
+        return n_seq
+    if mode == 'dr_grpo':
+        if max_len is None:
+            raise ValueError("dr_grpo's denominator needs max_len (max_new_tokens)")
+        return n_seq * max_len
+    if mode == 'dapo':
+        return n_tok
+    raise ValueError(f"mode {mode!r} is not one of 'grpo', 'dr_grpo', 'dapo'")
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, *, mode: str) -> torch.Tensor:
@@ -379,6 +404,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
     norm is the step-wide denominator (all micro-batches, all ranks): grpo sequences, dr_grpo sequences x
     max_len, dapo completion tokens. None computes it from this batch alone."""
+    if mode not in MODES[1:]:
+        raise ValueError(f"policy_loss: mode {mode!r} is not one of {MODES[1:]}")
     mask = mask.float()
     A = advantages[:, None]  # (B, 1)
     ratio = torch.exp((logprobs - old_logprobs) * mask)  # masked before exp: padding cannot overflow
@@ -390,16 +417,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         kl = torch.exp(d) - d - 1  # k3, >= 0
         tok_loss = tok_loss + beta * kl
         stats['kl'] = (kl * mask).sum().detach() / mask.sum().clamp(min=1)
+    norm = loss_norm(mode, mask.shape[0], mask.sum().clamp(min=1), max_len) if norm is None else norm
     tok_loss = tok_loss * mask
-    if mode == 'grpo':
-        loss = (tok_loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / (norm if norm is not None else mask.shape[0])
-    elif mode == 'dr_grpo':
-        assert max_len is not None or norm is not None, "dr_grpo needs max_len (or norm)"
-        loss = tok_loss.sum() / (norm if norm is not None else mask.shape[0] * max_len)
-    elif mode == 'dapo':
-        loss = tok_loss.sum() / (norm if norm is not None else mask.sum().clamp(min=1))
-    else:
-        raise ValueError(f"policy_loss: mode {mode!r} is not one of 'grpo', 'dr_grpo', 'dapo'")
+    # grpo: each sequence's mean token loss
+    loss = ((tok_loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() if mode == 'grpo' else tok_loss.sum()) / norm
     n = mask.sum().clamp(min=1)
     stats['log_ratio'] = ((logprobs - old_logprobs).abs() * mask).sum().detach() / n  # staleness, when off-policy
     stats['clip_low'] = (((ratio < 1 - eps_low) & (A < 0)).float() * mask).sum().detach() / n
@@ -826,408 +847,474 @@ def check_positions(c: dict, n_pos: int, longest_prompt: int):
 
 
 # -----------------------------------------------------------------------------
+# the run: one object holds the settings and what is built from them; the step's functions below take it
+
+
+class Run(types.SimpleNamespace):
+    """the settings (config keys, as attributes), this rank's place (ddp, rank, world, master, device, cuda, amp_on,
+    mesh), the data (tok, eos_ids, pad_id, rows, then examples or prompts), and what the run builds (model, ref, infer,
+    infer_kv, params, optimizer, preempt, log, and under overlap threads, side, bg_group, pending)."""
+
+
+def setup(config: dict) -> Run:
+    """the settings, resolved and checked, and this process's place: its rank, device and process group."""
+    r = Run(**config, config=config)
+    r.ddp = int(os.environ.get('RANK', -1)) != -1
+    r.rank, r.world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if r.ddp else (0, 1)
+    validate(config, r.world)
+    r.master, r.mesh = r.rank == 0, None
+    if r.ddp:
+        from torch.distributed.device_mesh import init_device_mesh
+        if r.device.startswith('cuda'):
+            r.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(r.device)
+        dist.init_process_group('nccl' if r.device.startswith('cuda') else 'gloo')
+        r.mesh = init_device_mesh('cuda' if r.device.startswith('cuda') else 'cpu', (r.world,))
+    r.cuda = r.device.startswith('cuda')
+    if r.cuda:
+        choose_sdpa()
+    r.amp_on = r.autocast == 'bf16' or (r.autocast == 'auto' and r.cuda and not r.ddp)
+    r.log = (lambda *a: print(*a, flush=True)) if r.master else (lambda *a: None)
+    return r
+
+
+def build(r: Run, init: str, init_from_run: str):
+    """tokenizer, model (sharded), the overlap's inference copy, grpo's reference and the optimizer from `init` (a
+    hub name, a dir, 'scratch' or a resumed checkpoint); grpo's reference from the run's original init."""
+    r.tok = Tokenizer.bytes_level() if init == 'scratch' else load_pretrained(init, 'init_from', Tokenizer.load)
+    try:
+        eos_id = r.tok.token_id(r.eos_token or r.tok.default_eos(r.prompt_template))
+    except ValueError as e:  # no single-token eos_token, or no chat template to read one from
+        raise SystemExit(f"config error: eos_token = {r.eos_token!r}, prompt_template = {r.prompt_template!r}: {e}") from None
+    r.eos_ids, r.pad_id = [eos_id], eos_id  # padding is never read: every mask comes from lengths, never token values
+    cfg = dict(r.config, init_from=init)
+    r.model = build_model(cfg, r.tok)
+    # overlap: the frozen copy rollouts generate from (bf16 under fsdp2 on gpus); the optimizer never writes it
+    r.infer = inference_copy(r.model, r.device, bf16=r.cuda and r.ddp, amp=r.amp_on) if r.overlap else None
+    if r.activation_checkpointing:
+        r.model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
+    param_dtype = torch.bfloat16 if r.cuda else None
+    if r.ddp:
+        r.model = shard(r.model, r.mesh, param_dtype)
+    r.model.to(r.device)
+    r.ref = None
+    if r.mode == 'grpo' and r.beta > 0:  # frozen, sharded like the policy, from the run's original init
+        ref_cfg = dict(cfg, init_from=init_from_run, master_dtype=ref_dtype(r.master_dtype, r.cuda, r.ddp))
+        r.ref = build_model(ref_cfg, r.tok).requires_grad_(r.amp_on).eval()  # autocast caches casts of leaves needing grad
+        r.ref = (shard(r.ref, r.mesh, param_dtype, frozen=True) if r.ddp else r.ref).to(r.device)
+    r.params = dict(r.model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
+    r.optimizer = AdamW(r.params.values(), lr=r.learning_rate, betas=(r.beta1, r.beta2), weight_decay=r.weight_decay,
+                        state_dtype=DTYPES[r.optim_dtype])
+
+
+def load_data(r: Run):
+    """the rows, then sft examples or rl prompts. the whole global batch is chosen by (seed, data_pos); each rank takes
+    its contiguous slice."""
+    try:
+        r.rows = load_rows(r.config, r.split)
+    except ValueError as e:
+        raise SystemExit(f"data error: {e}") from None
+    if r.mode == 'sft':
+        r.examples, dropped = tokenize_sft(r.rows, r.tok, r.prompt_template, r.system_prompt, r.eos_ids[0], r.max_seq_len)
+        r.log(f"data: {len(r.examples)} sft examples from {r.dataset} ({dropped} dropped: longer than max_seq_len "
+              f"{r.max_seq_len})")
+        if not r.examples:
+            raise SystemExit(f"no sft example fits max_seq_len = {r.max_seq_len}")
+    else:
+        r.prompts = [r.tok.encode_prompt(format_prompt(x['question'], r.prompt_template, r.tok, r.system_prompt))
+                     for x in r.rows]
+        r.log(f"data: {len(r.prompts)} rl prompts from {r.dataset}")
+    check_positions(r.config, r.model.config.max_position_embeddings, max(map(len, r.prompts)) if r.mode != 'sft' else 0)
+
+
+# -----------------------------------------------------------------------------
+# the step: sft_step, or an rl step = rollout (prompts in, scored groups out) then update (groups in, optimizer step
+# done); train_step runs one, sequential or overlapped
+
+
+def amp(r: Run):
+    """bf16 autocast when the run computes under it. a new context per use: an autocast object keeps its previous state
+    when entered, so two threads must not share one."""
+    return torch.autocast(r.device.split(':')[0], torch.bfloat16) if r.amp_on else contextlib.nullcontext()
+
+
+def casts(r: Run):
+    """autocast drops its cached bf16 weight casts (one cache per process) when a thread leaves its outermost autocast
+    context: `casts` spans what runs on unchanged weights (a step's micro-batches, a rollout's rounds), so each weight
+    is cast once there, not per micro-batch and again in its recompute. not so on a gpu's update: autograd recomputes
+    in its device thread, which leaves autocast at nesting 0 and so clears the cache each backward. `casts` computes
+    nothing in autocast itself, and ends before any optimizer step (a cached cast would be stale)."""
+    return torch.autocast(r.device.split(':')[0], enabled=False) if r.amp_on else contextlib.nullcontext()
+
+
+def sync(r: Run):
+    """phase timings wait for this thread's gpu work (not the overlapped rollout's stream)."""
+    if r.cuda:
+        torch.cuda.current_stream().synchronize()
+
+
+def all_sum(r: Run, x: torch.Tensor) -> torch.Tensor:
+    if r.ddp:
+        dist.all_reduce(x)
+    return x
+
+
+def optimizer_step(r: Run, m: dict):
+    """clip and step, unless the loss or the gradient norm is not finite: then no rank steps. the norm is global under
+    fsdp2 and the loss all-reduced, so every rank sees the same values and decides alike, with no collective of its own."""
+    with phase('optimizer_step'):
+        gn = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.grad_clip if r.grad_clip > 0 else float('inf'))
+        m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
+        bad = [k for k in ('loss', 'grad_norm') if k in m and not math.isfinite(float(m[k]))]  # host sync
+        if bad:
+            m.update(skipped=True, skip_reason=f"non-finite {' and '.join(bad)}")
+        else:
+            with r.preempt.lock:  # a stop cannot write weights that are half updated
+                r.preempt.finished = None
+                r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
+    sync(r)
+
+
+def sft_step(r: Run, data_pos: int) -> tuple[dict, int]:
+    """one optimizer step of next-token loss on the completions -> (metrics, data_pos after)."""
+    per_rank = r.batch_size // r.world
+    idx = step_indices(len(r.examples), r.batch_size, data_pos, r.seed)[r.rank * per_rank:(r.rank + 1) * per_rank]
+    micro = [collate_sft([r.examples[i] for i in idx[s:s + r.micro_batch_size]], r.pad_id)
+             for s in range(0, per_rank, r.micro_batch_size)]
+    norm = all_sum(r, sum(mk.sum() for _, _, mk in micro).to(r.device))  # global loss-token count, once
+    loss_sum, m = torch.zeros((), device=r.device), {}
+    with casts(r):  # each weight cast once per optimizer step
+        for k, (ids, attn, mk) in enumerate(micro):
+            r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
+            if r.ddp:
+                r.model.set_requires_gradient_sync(r.grad_sync == 'micro' or k == len(micro) - 1)
+            ids, attn, mk = ids.to(r.device), attn.to(r.device), mk.to(r.device)
+            with phase('forward'), amp(r):
+                lp = token_logprobs(r.model, ids, attn, ids.shape[1] - 1, 1.0, r.logprob_chunk, vocab=r.tok.n_vocab)
+                loss = -(lp * mk).sum() / norm
+            with phase('backward'):
+                (loss * r.world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+            loss_sum += loss.detach()
+    m['loss'] = all_sum(r, loss_sum)
+    m['tokens'] = all_sum(r, sum(a.sum() for _, a, _ in micro).to(r.device))
+    optimizer_step(r, m)
+    return m, data_pos + r.batch_size
+
+
+def rollout(r: Run, step: int, data_pos: int, policy, pg=None) -> tuple[list[dict], dict, int]:
+    """one step's generation rounds from `policy` (the gathered model, or the inference copy when overlapped)
+    -> (this rank's groups, stats as floats, data_pos after). dapo keeps generating until batch_size groups
+    with distinct rewards (or max_gen_rounds). every collective here runs on pg."""
+    m, groups, rounds, t0 = {'t_reward': 0.0}, [], 0, time.time()
+    n_gen = r.batch_size  # prompts this round: the batch, then only what dynamic sampling still lacks
+    G = r.group_size
+    while True:
+        r.preempt.park()
+        per_rank = n_gen // r.world
+        idx = step_indices(len(r.prompts), n_gen, data_pos, r.seed)[r.rank * per_rank:(r.rank + 1) * per_rank]
+        data_pos += n_gen
+        gen = torch.Generator(device=r.device).manual_seed(r.seed * 1_000_003 + step * 1009 + rounds * 101 + r.rank)
+        policy.eval()
+        with phase('rollout_generation'), gathered(policy), amp(r):
+            out = generate(policy, [r.prompts[i] for i in idx], n_samples=G, max_new_tokens=r.max_new_tokens,
+                           temperature=r.temperature, top_p=r.top_p, eos_ids=r.eos_ids, stop_strings=r.stop_strings,
+                           tok=r.tok, pad_id=r.pad_id, generator=gen, engine=r.engine,
+                           kv=r.infer_kv if policy is r.infer else None)
+        policy.train(policy is r.model)
+        rounds += 1
+        t1 = time.time()
+        with phase('reward_computation'):
+            lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()  # host sync
+            ids = out['ids'].tolist()  # host sync
+            lps = out['logprobs'].tolist() if r.overlap else [[]] * len(ids)  # only an overlapped update reads them
+            comp = [ids[i][:n] for i, n in enumerate(lens)]
+            texts = [r.tok.decode([x for x in c if x not in r.eos_ids]) for c in comp]
+            golds = [r.rows[i]['answer'] for i in idx for _ in range(G)]
+            rew = shaped_rewards(texts, golds, lens, trunc, kind=r.overlong, max_new_tokens=r.max_new_tokens,
+                                 penalty=r.overlong_penalty, buffer=r.overlong_buffer, factor=r.overlong_factor,
+                                 fmt=r.format_reward)
+            correct = [rewards.is_correct(rewards.extract_answer(t), g) for t, g in zip(texts, golds)]
+        for j, i in enumerate(idx):  # lps: the behaviour policy's log-probs, the overlapped update's old ones
+            s = slice(j * G, (j + 1) * G)
+            groups.append({'prompt': r.prompts[i], 'comps': comp[s], 'rewards': rew[s], 'trunc': trunc[s],
+                           'correct': correct[s], 'lps': [lp[:n] for lp, n in zip(lps[s], lens[s])]})
+        m['t_reward'] += time.time() - t1
+        if r.mode != 'dapo' or not r.dynamic_sampling:
+            stat_groups = groups
+            break
+        # dynamic sampling: every rank sees every group, so all agree on what is kept (no hang)
+        every = [groups]
+        if r.ddp:
+            every = [None] * r.world
+            dist.all_gather_object(every, groups, group=pg)
+        pool = [g for x in every for g in x]  # round-robin order is irrelevant: all ranks agree
+        keep = [max(g['rewards']) - min(g['rewards']) > 1e-6 for g in pool]  # exact test, not std > 0
+        if sum(keep) >= r.batch_size or rounds >= r.max_gen_rounds:
+            sel = select_groups(keep, r.batch_size, r.world)
+            share = len(sel) // r.world
+            stat_groups, groups = pool, [pool[i] for i in sel[r.rank * share:(r.rank + 1) * share]]
+            m.update(gen_rounds=rounds, kept_groups=len(sel), zero_std_frac=1 - sum(keep) / len(pool))
+            break
+        n_gen = next_round_size(r.batch_size - sum(keep), sum(keep) / len(keep), r.batch_size, r.world)
+    m['t_rollout'] = time.time() - t0 - m['t_reward']
+    # statistics over all ranks, from everything generated (dapo's pool is already global)
+    sums, mx = group_sums(stat_groups, r.device if pg is None else 'cpu')  # pg: the background's gloo group
+    if r.ddp and not (r.mode == 'dapo' and r.dynamic_sampling):
+        dist.all_reduce(sums, group=pg)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=pg)
+    s, n = sums.tolist(), sums[2].item()  # host sync
+    m.update(reward_mean=s[0] / n, reward_std=math.sqrt(max(s[1] / n - (s[0] / n) ** 2, 0)), accuracy=s[5] / n,
+             len_mean=s[3] / n, len_max=mx.item(), truncated_frac=s[4] / n)
+    m.setdefault('zero_std_frac', s[6] / s[7])
+    return groups, m, data_pos
+
+
+def update(r: Run, groups: list[dict], m: dict, step: int):
+    """one optimizer step (num_iterations of them) on the groups' sequences. old log-probs: overlapped, the behaviour
+    policy's, recorded by the engine (never a recompute with the current weights, which would switch the correction
+    off); else the policy's own before the update (mu = 1: the first forward's, detached)."""
+    if not groups:  # dapo found no signal in max_gen_rounds: no update, on every rank alike
+        r.log(f"step {step + 1}: no group with distinct rewards after {m['gen_rounds']} rounds; update skipped")
+        m.update(loss=0.0, tokens=0, clip_low=0.0, clip_high=0.0, log_ratio=0.0)
+        return optimizer_step(r, m)
+    t2, dev, mb_size = time.time(), r.device, r.micro_batch_size
+    seq_p = [g['prompt'] for g in groups for _ in g['comps']]
+    seq_c = [c for g in groups for c in g['comps']]
+    seq_lp = [lp for g in groups for lp in g['lps']]
+    with phase('advantage_computation'):
+        adv = compute_advantages(torch.tensor([x for g in groups for x in g['rewards']]), r.group_size, mode=r.mode)
+    m['t_adv'], t2 = time.time() - t2, time.time()
+    micro = []
+    for s in range(0, len(seq_c), mb_size):
+        ids, attn, cm = collate_rl(seq_p[s:s + mb_size], seq_c[s:s + mb_size], r.pad_id)
+        old = pad_rows(seq_lp[s:s + mb_size], cm.shape[1]).to(dev) if r.overlap else None
+        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[s:s + mb_size].to(dev), old])
+    n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=dev)
+    n_seq, n_tok = all_sum(r, n_local).tolist()  # host sync: the step-wide denominators, once
+    norm = loss_norm(r.mode, n_seq, n_tok, r.max_new_tokens)
+    logprobs = lambda model, mb, **kw: token_logprobs(model, mb[0], mb[1], mb[2].shape[1], r.temperature,
+                                                      r.logprob_chunk, vocab=r.tok.n_vocab, **kw)
+    with torch.no_grad(), phase('old_logprobs'), amp(r):  # one context: each weight cast once
+        for mb in micro:
+            if not r.overlap and r.num_iterations > 1:  # mu = 1 takes them from the update's own first forward
+                mb[4] = logprobs(r.model, mb)
+            mb.append(logprobs(r.ref, mb) if r.ref is not None else None)
+    sync(r)
+    m['t_logprobs'] = time.time() - t2
+    t3, ent_sum = time.time(), torch.zeros((), device=dev)
+    for it in range(r.num_iterations):
+        if it > 0:
+            optimizer_step(r, m)
+        loss_sum, st_sum = torch.zeros((), device=dev), {}
+        with casts(r):  # each weight cast once per optimizer step; the optimizer step is outside
+            for k, mb in enumerate(micro):
+                ids, attn, cm, a, old, rlp = mb
+                r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
+                if r.ddp:
+                    r.model.set_requires_gradient_sync(r.grad_sync == 'micro' or k == len(micro) - 1)
+                with phase('policy_loss_backward'), amp(r):
+                    lp = logprobs(r.model, mb, entropy=it == 0)
+                    if it == 0:  # the entropy of the policy the batch is scored under, once per step
+                        lp, ent = lp
+                        ent_sum += (ent * cm).sum()
+                    loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=r.mode,
+                                           ref_logprobs=rlp, beta=r.beta, eps_low=r.eps_low, eps_high=r.eps_high,
+                                           norm=norm)
+                (loss * r.world).backward()  # x world cancels FSDP's gradient averaging, exactly once
+                loss_sum += loss.detach()
+                w = cm.sum()
+                for key, v in st.items():  # token-weighted across micro-batches
+                    st_sum[key] = st_sum.get(key, 0) + v * w
+    m['loss'] = all_sum(r, loss_sum)
+    for key, v in st_sum.items():
+        m[key] = all_sum(r, v) / n_tok
+    m['tokens'] = all_sum(r, sum(mb[1].sum() for mb in micro).to(dev))
+    m['entropy'] = all_sum(r, ent_sum) / n_tok
+    sync(r)
+    m['t_update'], t4 = time.time() - t3, time.time()
+    optimizer_step(r, m)
+    m['t_optim'] = time.time() - t4
+
+
+# overlap: the next step's rollout runs in a background thread (its own cuda stream and process group) on a frozen
+# inference copy, while this step's update runs here. the copy is refreshed at one point per step, from this thread,
+# while the background is idle; the background returns host data only (lists, floats), so no tensor crosses streams
+# but the copy, whose refresh the side stream waits for through an event.
+
+
+def start_overlap(r: Run, longest_prompt: int):
+    """the background's thread, stream and process group, and its engine state, kept for the run: the copy's
+    weights keep their addresses, so each bucket's graph is captured once (a round of dapo never has more rows than
+    the batch)."""
+    r.infer_kv = KVCache(r.batch_size // r.world * r.group_size, longest_prompt)
+    # the side stream runs at high priority: a decode step is ~700 small kernels, which then slot in between the
+    # update's long GEMMs instead of queueing behind them (fsdp2's own communication streams are high priority too)
+    r.threads, r.side = ThreadPoolExecutor(1), torch.cuda.Stream(priority=-1) if r.cuda else None
+    # gloo: the background exchanges host data only, so it never runs a device collective beside the update's
+    r.bg_group = dist.new_group(backend='gloo') if r.ddp else None
+    if not r.cuda:  # one intra-op thread per side, so the two do not fight for the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+
+
+def launch(r: Run, step: int, data_pos: int) -> Future:
+    """step's rollout from the inference copy, in the background, after the refresh's copies on this stream."""
+    ev = torch.cuda.Event() if r.cuda else None
+    if r.cuda:
+        ev.record()
+
+    def background():
+        if r.cuda:
+            torch.cuda.set_device(r.device)  # a new thread starts on gpu 0, where it would open a context
+        with phase('async_next_rollout'), torch.cuda.stream(r.side) if r.cuda else contextlib.nullcontext():
+            if r.cuda:
+                r.side.wait_event(ev)
+            with casts(r):  # autocast's nesting is per thread
+                out = rollout(r, step, data_pos, r.infer, r.bg_group)
+            if r.cuda:
+                r.side.synchronize()
+        return out
+    return r.threads.submit(background)
+
+
+def set_lr(r: Run, step: int) -> float:
+    lr = get_lr(step, r.learning_rate, r.min_lr, r.warmup_iters, r.lr_decay_iters)
+    for g in r.optimizer.param_groups:
+        g['lr'] = lr
+    return lr
+
+
+def train_step(r: Run, step: int, data_pos: int) -> tuple[dict, int]:
+    """one optimizer step: sft, or rollout then update, sequential or overlapped -> (metrics, data_pos after)."""
+    if r.mode == 'sft':
+        return sft_step(r, data_pos)
+    if not r.overlap:
+        with casts(r):
+            groups, m, data_pos = rollout(r, step, data_pos, r.model)
+    else:  # one step off-policy: these groups came from theta_{N-1}; step N+1's are generated from theta_N meanwhile
+        if r.pending is None:  # the first step generates from its own weights, in the foreground
+            refresh(r.infer, r.model)
+            r.pending = launch(r, step, data_pos)
+        t_wait = time.time()
+        groups, m, data_pos = r.pending.result()
+        m = dict(m, t_wait=time.time() - t_wait)  # the rollout time the update did not hide
+        refresh(r.infer, r.model)  # theta_N: the one synchronised point of the step, on every rank alike
+        r.pending = launch(r, step + 1, data_pos)  # the last step too: the final checkpoint stores it, for a resume
+    with phase('policy_update'):
+        update(r, groups, m, step)
+    return m, data_pos
+
+
+def save(r: Run, step: int, state: dict, rank_state: dict, pg=None, stop: bool = False):
+    save_checkpoint(r.out_dir, step, r.model, r.optimizer, r.tok, state, rank_state, r.rank, r.world, params=r.params,
+                    pg=pg, export=not stop, tmp='ckpt.stop.tmp' if stop else 'ckpt.tmp', link_lock=r.preempt.link_lock)
+    if stop:
+        r.log(f"step {step}: stopped by a signal; the last finished step is in {r.out_dir}/ckpt (--init_from=resume "
+              f"continues)")
+
+
+def log_line(m: dict, max_iters: int, mode: str, overlap: bool) -> str:
+    """a step's metrics -> its log line."""
+    rl = '' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | len {m['len_mean']:.0f}"
+                                   f" | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
+                                   + (f" | kl {m['kl']:.4f}" if 'kl' in m else '')
+                                   + (f" | |log ratio| {m['log_ratio']:.4f}" if overlap else '')
+                                   + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else ''))
+    skip = f" | skipped: {m['skip_reason']}" if m.get('skipped') else ''
+    return (f"step {m['step']}/{max_iters} | loss {m['loss']:.4f}{skip}{rl} | lr {m['lr']:.1e} | "
+            f"{m['time_ms']:.0f} ms")
+
+
+# -----------------------------------------------------------------------------
 if __name__ == "__main__":
     import sys
     from configurator import configure
     config = {k: globals()[k] for k in config_keys}
     configure(config, sys.argv[1:])  # config keys only: MODES, R1_TAGS and the like are not settings
-    globals().update(config)
-    eps_high = eps_high or (0.28 if mode == 'dapo' else eps_low)  # 0: the mode's default
-    overlong = {'auto': 'fixed' if mode == 'dapo' else 'none'}.get(overlong, overlong)
-    config = {k: globals()[k] for k in config_keys}
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    validate(config, world)
-    master = rank == 0
-    if ddp:
-        from torch.distributed.device_mesh import init_device_mesh
-        if device.startswith('cuda'):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-        mesh = init_device_mesh('cuda' if device.startswith('cuda') else 'cpu', (world,))
-    cuda = device.startswith('cuda')
-    if cuda:
-        choose_sdpa()
-    torch.manual_seed(seed)
-    os.makedirs(out_dir, exist_ok=True)
+    config = mode_defaults(config)  # what a 0 or 'auto' leaves to the mode
+    r = setup(config)
+    torch.manual_seed(r.seed)
+    os.makedirs(r.out_dir, exist_ok=True)
 
     # resume reads the model, tokenizer and counters from out_dir/ckpt; the run's settings come from argv
-    state, rstate = {'step': 0, 'data_pos': 0, 'init_from': init_from}, {}
-    if init_from == 'resume':
-        ckpt_path = os.path.realpath(os.path.join(out_dir, 'ckpt'))
-        if not is_checkpoint(ckpt_path):
-            raise SystemExit(f"init_from = 'resume' but {out_dir}/ckpt is not a checkpoint (no train_state.json and state/)")
-        with open(os.path.join(ckpt_path, 'train_state.json')) as f:
+    state, rstate, init = {'step': 0, 'data_pos': 0, 'init_from': r.init_from}, {}, r.init_from
+    if r.init_from == 'resume':
+        init = os.path.realpath(os.path.join(r.out_dir, 'ckpt'))
+        if not is_checkpoint(init):
+            raise SystemExit(f"init_from = 'resume' but {r.out_dir}/ckpt is not a checkpoint (no train_state.json and "
+                             f"state/)")
+        with open(os.path.join(init, 'train_state.json')) as f:
             state = json.load(f)  # the run's original init, for grpo's reference
-        config['init_from'] = ckpt_path
-    tok = (Tokenizer.bytes_level() if config['init_from'] == 'scratch' else
-           load_pretrained(config['init_from'], 'init_from', Tokenizer.load))
-    try:
-        eos_id = tok.token_id(eos_token or tok.default_eos(prompt_template))
-    except ValueError as e:  # no single-token eos_token, or no chat template to read one from
-        raise SystemExit(f"config error: eos_token = {eos_token!r}, prompt_template = {prompt_template!r}: {e}") from None
-    model = build_model(config, tok)
-    amp_on = autocast == 'bf16' or (autocast == 'auto' and cuda and not ddp)
-    infer = None  # overlap: the frozen copy rollouts generate from (bf16 on gpu); the optimizer never writes it
-    if overlap:
-        infer = inference_copy(model, device, bf16=cuda and ddp, amp=amp_on)
-    pad_id = eos_id  # padding is never read: every mask comes from lengths, never from token values
-    if activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
-    param_dtype = torch.bfloat16 if cuda else None
-    if ddp:
-        model = shard(model, mesh, param_dtype)
-    model.to(device)
-    ref = None
-    if mode == 'grpo' and beta > 0:  # frozen, sharded like the policy, from the run's original init
-        ref_cfg = dict(config, init_from=state['init_from'], master_dtype=ref_dtype(master_dtype, cuda, ddp))
-        ref = build_model(ref_cfg, tok).requires_grad_(amp_on).eval()  # autocast caches casts of leaves needing grad
-        ref = (shard(ref, mesh, param_dtype, frozen=True) if ddp else ref).to(device)
-    amp = lambda: torch.autocast(device.split(':')[0], torch.bfloat16) if amp_on else contextlib.nullcontext()  # a new
-    # context per use: an autocast object keeps its previous state when entered, so two threads must not share one.
-    # autocast drops its cached bf16 weight casts (one cache per process) when a thread leaves its outermost autocast
-    # context: `casts` spans what runs on unchanged weights (a step's micro-batches, a rollout's rounds), so each
-    # weight is cast once there, not per micro-batch and again in its recompute. not so on a gpu's update: autograd
-    # recomputes in its device thread, which leaves autocast at nesting 0 and so clears the cache each backward.
-    # `casts` computes nothing in autocast itself, and ends before any optimizer step (a cached cast would be stale)
-    casts = lambda: torch.autocast(device.split(':')[0], enabled=False) if amp_on else contextlib.nullcontext()
-    params = dict(model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
-    optimizer = AdamW(params.values(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
-                      state_dtype=DTYPES[optim_dtype])
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    if init_from == 'resume':
-        state, rstate = load_checkpoint(ckpt_path, params, optimizer, rank, world)
+    config['init_from'] = init  # what the model is read from (what the checkpoint's config says it was)
+    build(r, init, state['init_from'])
+    if r.init_from == 'resume':
+        state, rstate = load_checkpoint(init, r.params, r.optimizer, r.rank, r.world)
         if 'rng' in rstate:
             torch.set_rng_state(torch.tensor(rstate['rng'], dtype=torch.uint8))
         else:
-            log(f"resume: {ckpt_path} was written by {state['world_size']} ranks, this run has {world}: weights and "
-                f"optimizer resharded; the cpu rng and an overlapped run's pending rollout start afresh")
-        if overlap and rstate.get('pending') is None:
-            log("resume: no finished rollout was saved (a stop abandons the one in flight): the first step generates "
-                "its own from the resumed weights")
+            r.log(f"resume: {init} was written by {state['world_size']} ranks, this run has {r.world}: weights and "
+                  f"optimizer resharded; the cpu rng and an overlapped run's pending rollout start afresh")
+        if r.overlap and rstate.get('pending') is None:
+            r.log("resume: no finished rollout was saved (a stop abandons the one in flight): the first step generates "
+                  "its own from the resumed weights")
     step, data_pos = state['step'], state['data_pos']
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"mode {mode} | {n_params / 1e6:.2f}M params | world {world} | device {device} | master {master_dtype}"
-        f" | adam {optim_dtype} | init {config['init_from']}" + (" | overlapped rollouts" if overlap else ''))
+    n_params = sum(p.numel() for p in r.model.parameters())
+    r.log(f"mode {r.mode} | {n_params / 1e6:.2f}M params | world {r.world} | device {r.device} | master "
+          f"{r.master_dtype} | adam {r.optim_dtype} | init {init}" + (" | overlapped rollouts" if r.overlap else ''))
+    load_data(r)
+    r.pending = None  # overlap: the future of the next step's rollout
+    if r.overlap:
+        start_overlap(r, max(map(len, r.prompts)))
+        if rstate.get('pending') is not None:  # resumed: the checkpoint's finished one
+            r.pending = Future()
+            r.pending.set_result(tuple(rstate['pending']))
 
-    def sync():  # phase timings wait for this thread's gpu work (not the overlapped rollout's stream)
-        if cuda:
-            torch.cuda.current_stream().synchronize()
-
-    def all_sum(x: torch.Tensor) -> torch.Tensor:
-        if ddp:
-            dist.all_reduce(x)
-        return x
-
-    # data: the whole global batch is chosen by (seed, data_pos); each rank takes its contiguous slice
-    try:
-        rows = load_rows(config, split)
-    except ValueError as e:
-        raise SystemExit(f"data error: {e}") from None
-    if mode == 'sft':
-        examples, dropped = tokenize_sft(rows, tok, prompt_template, system_prompt, eos_id, max_seq_len)
-        log(f"data: {len(examples)} sft examples from {dataset} ({dropped} dropped: longer than max_seq_len {max_seq_len})")
-        if not examples:
-            raise SystemExit(f"no sft example fits max_seq_len = {max_seq_len}")
-    else:
-        prompts = [tok.encode_prompt(format_prompt(r['question'], prompt_template, tok, system_prompt)) for r in rows]
-        log(f"data: {len(prompts)} rl prompts from {dataset}")
-    check_positions(config, model.config.max_position_embeddings, max(map(len, prompts)) if mode != 'sft' else 0)
-    # the overlap's engine state, kept for the run: the copy's weights keep their addresses, so each bucket's graph is
-    # captured once (a round of dapo never has more rows than the batch)
-    infer_kv = KVCache(batch_size // world * group_size, max(map(len, prompts))) if overlap else None
-    eos_ids = [eos_id]
-
-    def optimizer_step(m: dict):
-        """clip and step, unless the loss or the gradient norm is not finite: then no rank steps. the norm is global
-        under fsdp2 and the loss all-reduced, so every rank sees the same values and decides alike, with no
-        collective of its own."""
-        with phase('optimizer_step'):
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-            m['grad_norm'] = gn.full_tensor() if isinstance(gn, DTensor) else gn
-            bad = [k for k in ('loss', 'grad_norm') if k in m and not math.isfinite(float(m[k]))]  # host sync
-            if bad:
-                m.update(skipped=True, skip_reason=f"non-finite {' and '.join(bad)}")
-            else:
-                with preempt.lock:  # a stop cannot write weights that are half updated
-                    preempt.finished = None
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sync()
-
-    # -----------------------------------------------------------------------------
-    # rl step = rollout (prompts in, scored groups out) then update (groups in, optimizer step done)
-
-    def rollout(step: int, data_pos: int, policy, pg=None) -> tuple[list[dict], dict, int]:
-        """one step's generation rounds from `policy` (the gathered model, or the inference copy when overlapped)
-        -> (this rank's groups, stats as floats, data_pos after). dapo keeps generating until batch_size groups
-        with distinct rewards (or max_gen_rounds). every collective here runs on pg."""
-        m, groups, rounds, t0 = {'t_reward': 0.0}, [], 0, time.time()
-        n_gen = batch_size  # prompts this round: the batch, then only what dynamic sampling still lacks
-        while True:
-            preempt.park()
-            per_rank = n_gen // world
-            idx = step_indices(len(prompts), n_gen, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
-            data_pos += n_gen
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + rounds * 101 + rank)
-            policy.eval()
-            with phase('rollout_generation'), gathered(policy), amp():
-                out = generate(policy, [prompts[i] for i in idx], n_samples=group_size, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, eos_ids=eos_ids, stop_strings=stop_strings,
-                               tok=tok, pad_id=pad_id, generator=gen, engine=engine,
-                               kv=infer_kv if policy is infer else None)
-            policy.train(policy is model)
-            rounds += 1
-            t1 = time.time()
-            with phase('reward_computation'):
-                lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()  # host sync
-                ids = out['ids'].tolist()  # host sync
-                lps = out['logprobs'].tolist() if overlap else [[]] * len(ids)  # only an overlapped update reads them
-                comp = [ids[i][:n] for i, n in enumerate(lens)]
-                texts = [tok.decode([x for x in c if x not in eos_ids]) for c in comp]
-                golds = [rows[i]['answer'] for i in idx for _ in range(group_size)]
-                rew = shaped_rewards(texts, golds, lens, trunc, kind=overlong, max_new_tokens=max_new_tokens,
-                                     penalty=overlong_penalty, buffer=overlong_buffer, factor=overlong_factor,
-                                     fmt=format_reward)
-                correct = [rewards.is_correct(rewards.extract_answer(t), g) for t, g in zip(texts, golds)]
-            for j, i in enumerate(idx):  # lps: the behaviour policy's log-probs, the overlapped update's old ones
-                s = slice(j * group_size, (j + 1) * group_size)
-                groups.append({'prompt': prompts[i], 'comps': comp[s], 'rewards': rew[s], 'trunc': trunc[s],
-                               'correct': correct[s], 'lps': [lp[:n] for lp, n in zip(lps[s], lens[s])]})
-            m['t_reward'] += time.time() - t1
-            if mode != 'dapo' or not dynamic_sampling:
-                stat_groups = groups
-                break
-            # dynamic sampling: every rank sees every group, so all agree on what is kept (no hang)
-            every = [groups]
-            if ddp:
-                every = [None] * world
-                dist.all_gather_object(every, groups, group=pg)
-            pool = [g for r in range(world) for g in every[r]]  # round-robin order is irrelevant: all ranks agree
-            keep = [max(g['rewards']) - min(g['rewards']) > 1e-6 for g in pool]  # exact test, not std > 0
-            if sum(keep) >= batch_size or rounds >= max_gen_rounds:
-                sel = select_groups(keep, batch_size, world)
-                share = len(sel) // world
-                stat_groups, groups = pool, [pool[i] for i in sel[rank * share:(rank + 1) * share]]
-                m.update(gen_rounds=rounds, kept_groups=len(sel), zero_std_frac=1 - sum(keep) / len(pool))
-                break
-            n_gen = next_round_size(batch_size - sum(keep), sum(keep) / len(keep), batch_size, world)
-        m['t_rollout'] = time.time() - t0 - m['t_reward']
-        # statistics over all ranks, from everything generated (dapo's pool is already global)
-        sums, mx = group_sums(stat_groups, device if pg is None else 'cpu')  # pg: the background's gloo group
-        if ddp and not (mode == 'dapo' and dynamic_sampling):
-            dist.all_reduce(sums, group=pg)
-            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=pg)
-        s, n = sums.tolist(), sums[2].item()  # host sync
-        m.update(reward_mean=s[0] / n, reward_std=math.sqrt(max(s[1] / n - (s[0] / n) ** 2, 0)), accuracy=s[5] / n,
-                 len_mean=s[3] / n, len_max=mx.item(), truncated_frac=s[4] / n)
-        m.setdefault('zero_std_frac', s[6] / s[7])
-        return groups, m, data_pos
-
-    def update(groups: list[dict], m: dict):
-        """one optimizer step (num_iterations of them) on the groups' sequences. old log-probs: overlapped, the
-        behaviour policy's, recorded by the engine (never a recompute with the current weights, which would switch
-        the correction off); else the policy's own before the update (mu = 1: the first forward's, detached)."""
-        if not groups:  # dapo found no signal in max_gen_rounds: no update, on every rank alike
-            log(f"step {step + 1}: no group with distinct rewards after {m['gen_rounds']} rounds; update skipped")
-            m.update(loss=0.0, tokens=0, clip_low=0.0, clip_high=0.0, log_ratio=0.0)
-            return optimizer_step(m)
-        t2 = time.time()
-        seq_p = [g['prompt'] for g in groups for _ in g['comps']]
-        seq_c = [c for g in groups for c in g['comps']]
-        seq_lp = [lp for g in groups for lp in g['lps']]
-        with phase('advantage_computation'):
-            adv = compute_advantages(torch.tensor([r for g in groups for r in g['rewards']]), group_size, mode=mode)
-        m['t_adv'], t2 = time.time() - t2, time.time()
-        micro = []
-        for s in range(0, len(seq_c), micro_batch_size):
-            ids, attn, cm = collate_rl(seq_p[s:s + micro_batch_size], seq_c[s:s + micro_batch_size], pad_id)
-            old = pad_rows(seq_lp[s:s + micro_batch_size], cm.shape[1]).to(device) if overlap else None
-            micro.append([ids.to(device), attn.to(device), cm.to(device), adv[s:s + micro_batch_size].to(device), old])
-        n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=device)
-        n_seq, n_tok = all_sum(n_local).tolist()  # host sync: the step-wide denominators, once
-        norm = {'grpo': n_seq, 'dr_grpo': n_seq * max_new_tokens, 'dapo': n_tok}[mode]
-        with torch.no_grad(), phase('old_logprobs'), amp():  # one context: each weight cast once
-            for mb in micro:
-                if not overlap and num_iterations > 1:  # mu = 1 takes them from the update's own first forward
-                    mb[4] = token_logprobs(model, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
-                mb.append(token_logprobs(ref, mb[0], mb[1], mb[2].shape[1], temperature, logprob_chunk, vocab=tok.n_vocab)
-                          if ref is not None else None)
-        sync()
-        m['t_logprobs'] = time.time() - t2
-        t3, ent_sum = time.time(), torch.zeros((), device=device)
-        for it in range(num_iterations):
-            if it > 0:
-                optimizer_step(m)
-            loss_sum, st_sum = torch.zeros((), device=device), {}
-            with casts():  # each weight cast once per optimizer step; the optimizer step is outside
-                for k, (ids, attn, cm, a, old, rlp) in enumerate(micro):
-                    preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
-                    if ddp:
-                        model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
-                    with phase('policy_loss_backward'), amp():
-                        lp = token_logprobs(model, ids, attn, cm.shape[1], temperature, logprob_chunk, entropy=it == 0,
-                                            vocab=tok.n_vocab)
-                        if it == 0:  # the entropy of the policy the batch is scored under, once per step
-                            lp, ent = lp
-                            ent_sum += (ent * cm).sum()
-                        loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=mode, ref_logprobs=rlp,
-                                               beta=beta, eps_low=eps_low, eps_high=eps_high, max_len=max_new_tokens, norm=norm)
-                    (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
-                    loss_sum += loss.detach()
-                    w = cm.sum()
-                    for key, v in st.items():  # token-weighted across micro-batches
-                        st_sum[key] = st_sum.get(key, 0) + v * w
-        m['loss'] = all_sum(loss_sum)
-        for key, v in st_sum.items():
-            m[key] = all_sum(v) / n_tok
-        m['tokens'] = all_sum(sum(mb[1].sum() for mb in micro).to(device))
-        m['entropy'] = all_sum(ent_sum) / n_tok
-        sync()
-        m['t_update'], t4 = time.time() - t3, time.time()
-        optimizer_step(m)
-        m['t_optim'] = time.time() - t4
-
-    # overlap: the next step's rollout runs in a background thread (its own cuda stream and process group) on a
-    # frozen inference copy, while this step's update runs here. the copy is refreshed at one point per step,
-    # from this thread, while the background is idle; the background returns host data only (lists, floats), so
-    # no tensor crosses streams but the copy, whose refresh the side stream waits for through an event.
-    if overlap:
-        from concurrent.futures import Future, ThreadPoolExecutor
-        # the side stream runs at high priority: a decode step is ~700 small kernels, which then slot in between the
-        # update's long GEMMs instead of queueing behind them (fsdp2's own communication streams are high priority too)
-        threads, side = ThreadPoolExecutor(1), torch.cuda.Stream(priority=-1) if cuda else None
-        # gloo: the background exchanges host data only, so it never runs a device collective beside the update's
-        bg_group = dist.new_group(backend='gloo') if ddp else None
-        if not cuda:  # one intra-op thread per side, so the two do not fight for the cores
-            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-
-        def launch(step: int, data_pos: int) -> Future:
-            ev = torch.cuda.Event() if cuda else None
-            if cuda:
-                ev.record()  # after the refresh's copies on the main stream
-
-            def background():
-                if cuda:
-                    torch.cuda.set_device(device)  # a new thread starts on gpu 0, where it would open a context
-                with phase('async_next_rollout'), torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                    if cuda:
-                        side.wait_event(ev)
-                    with casts():  # autocast's nesting is per thread
-                        out = rollout(step, data_pos, infer, bg_group)
-                    if cuda:
-                        side.synchronize()
-                return out
-            return threads.submit(background)
-    pending = None  # overlap: the future of the next step's rollout (resumed: the checkpoint's finished one)
-    if overlap and rstate.get('pending') is not None:
-        pending = Future()
-        pending.set_result(tuple(rstate['pending']))
-
-    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    if master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo. atomic: a kill here
+    metrics_path = os.path.join(r.out_dir, 'metrics.jsonl')
+    if r.master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo. atomic: a kill here
         # leaves the old file or the new one
-        old = read_metrics(metrics_path) if init_from == 'resume' and os.path.exists(metrics_path) else []
+        old = read_metrics(metrics_path) if r.init_from == 'resume' and os.path.exists(metrics_path) else []
         with open(metrics_path + '.tmp', 'w') as f:
             f.writelines(json.dumps(m) + '\n' for m in old if m['step'] <= step)
         os.replace(metrics_path + '.tmp', metrics_path)
-    if wandb_log and master:
+    if r.wandb_log and r.master:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
-    def save(step, state, rank_state, pg=None, stop=False):
-        save_checkpoint(out_dir, step, model, optimizer, tok, state, rank_state, rank, world, params=params, pg=pg,
-                        export=not stop, tmp='ckpt.stop.tmp' if stop else 'ckpt.tmp', link_lock=preempt.link_lock)
-        if stop:
-            log(f"step {step}: stopped by a signal; the last finished step is in {out_dir}/ckpt (--init_from=resume "
-                f"continues)")
-    preempt = Preemption(lambda *a: save(*a, stop=True), ddp, device, log)
+        wandb.init(project=r.wandb_project, name=r.wandb_run_name, config=config)
+    r.preempt = Preemption(lambda *a: save(r, *a, stop=True), r.ddp, r.device, r.log)
     # a peer that stopped exits while this rank's main thread may sit in a collective with it: the failure that
     # follows is no error, this rank's writer ends the process
-    sys.excepthook = lambda *exc: preempt.park(anywhere=True) or sys.__excepthook__(*exc)
-    preempt.saved = step
-    preempt.mark((step, dict(state, world_size=world, config=config), {'rng': torch.get_rng_state().tolist()}))
+    sys.excepthook = lambda *exc: r.preempt.park(anywhere=True) or sys.__excepthook__(*exc)
+    r.preempt.saved = step
+    r.preempt.mark((step, dict(state, world_size=r.world, config=config), {'rng': torch.get_rng_state().tolist()}))
     skips, t_last = 0, time.time()
-    while step < max_iters:
-        lr = get_lr(step, learning_rate, min_lr, warmup_iters, lr_decay_iters)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        m = {}
-        # ---- hot part of the loop ----
-        if mode == 'sft':
-            per_rank = batch_size // world
-            idx = step_indices(len(examples), batch_size, data_pos, seed)[rank * per_rank:(rank + 1) * per_rank]
-            data_pos += batch_size
-            micro = [collate_sft([examples[i] for i in idx[s:s + micro_batch_size]], pad_id)
-                     for s in range(0, per_rank, micro_batch_size)]
-            norm = all_sum(sum(mk.sum() for _, _, mk in micro).to(device))  # global loss-token count, once
-            loss_sum = torch.zeros((), device=device)
-            with casts():  # each weight cast once per optimizer step
-                for k, (ids, attn, mk) in enumerate(micro):
-                    preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
-                    if ddp:
-                        model.set_requires_gradient_sync(grad_sync == 'micro' or k == len(micro) - 1)
-                    ids, attn, mk = ids.to(device), attn.to(device), mk.to(device)
-                    with phase('forward'), amp():
-                        lp = token_logprobs(model, ids, attn, ids.shape[1] - 1, 1.0, logprob_chunk, vocab=tok.n_vocab)
-                        loss = -(lp * mk).sum() / norm
-                    with phase('backward'):
-                        (loss * world).backward()  # x world cancels FSDP's gradient averaging, exactly once
-                    loss_sum += loss.detach()
-            m['loss'] = all_sum(loss_sum)
-            m['tokens'] = all_sum(sum(a.sum() for _, a, _ in micro).to(device))
-            optimizer_step(m)
-        elif not overlap:
-            with casts():
-                groups, mr, data_pos = rollout(step, data_pos, model)
-            m.update(mr)
-            with phase('policy_update'):
-                update(groups, m)
-        else:  # one step off-policy: these groups came from theta_{N-1}; step N+1's are generated from theta_N meanwhile
-            if pending is None:  # the first step generates from its own weights, in the foreground
-                refresh(infer, model)
-                pending = launch(step, data_pos)
-            t_wait = time.time()
-            groups, mr, data_pos = pending.result()
-            m.update(mr, t_wait=time.time() - t_wait)  # the rollout time the update did not hide
-            refresh(infer, model)  # theta_N: the one synchronised point of the step, on every rank alike
-            pending = launch(step + 1, data_pos)  # the last step too: the final checkpoint stores it, for a resume
-            with phase('policy_update'):
-                update(groups, m)
-        # ---- end of the hot part ----
+    while step < r.max_iters:
+        lr = set_lr(r, step)
+        m, data_pos = train_step(r, step, data_pos)
         step += 1
         dt = time.time() - t_last
         t_last = time.time()
         m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}  # host sync: logging
         m.update(step=step, lr=lr, time_ms=dt * 1000)
-        if master:
+        if r.master:
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(m) + '\n')
-            if wandb_log:
+            if r.wandb_log:
                 wandb.log(m, step=step)
-            if step % log_interval == 0 or step == max_iters or m.get('skipped'):
-                extra = (f" | skipped: {m['skip_reason']}" if m.get('skipped') else '') + ('' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
-                                                   f"len {m['len_mean']:.0f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
-                                                   + (f" | kl {m['kl']:.4f}" if 'kl' in m else '')
-                                                   + (f" | |log ratio| {m['log_ratio']:.4f}" if overlap else '')
-                                                   + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else '')))
-                print(f"step {step}/{max_iters} | loss {m['loss']:.4f}{extra} | lr {lr:.1e} | {dt * 1000:.0f} ms",
-                      flush=True)
+            if step % r.log_interval == 0 or step == r.max_iters or m.get('skipped'):
+                print(log_line(m, r.max_iters, r.mode, r.overlap), flush=True)
         skips = skips + 1 if m.get('skipped') else 0
-        if skips > max_skips:
-            raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = {max_skips}); "
-                             f"stopping. the last checkpoint, {out_dir}/ckpt, holds finite weights")
-        state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': world,
+        if skips > r.max_skips:
+            raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = "
+                             f"{r.max_skips}); stopping. the last checkpoint, {r.out_dir}/ckpt, holds finite weights")
+        state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': r.world,
                  'config': config}
         rank_state = {'rng': torch.get_rng_state().tolist()}
-        preempt.mark((step, state, rank_state))  # a stop from here on writes this step, without the rollout in flight
-        if step % ckpt_interval == 0 or step == max_iters:
-            save(step, state, dict(rank_state, pending=pending.result() if pending is not None else None))
-            preempt.saved = step
-        preempt.park()
-    if overlap:
-        threads.shutdown()
-    preempt.close()
-    if ddp:
+        r.preempt.mark((step, state, rank_state))  # a stop from here on writes this step, without the rollout in flight
+        if step % r.ckpt_interval == 0 or step == r.max_iters:
+            save(r, step, state, dict(rank_state, pending=r.pending.result() if r.pending is not None else None))
+            r.preempt.saved = step
+        r.preempt.park()
+    if r.overlap:
+        r.threads.shutdown()
+    r.preempt.close()
+    if r.ddp:
         dist.destroy_process_group()

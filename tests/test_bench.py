@@ -37,7 +37,7 @@ def test_rollout_prints_sampling_share():
                         '2', '--group_size', '3', '--new_tokens', '8'], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    m = re.search(r'sampling \(train\.sample on (\d+) x (\d+) fp32 logits\): ([\d.]+) ms/step \| decode step ([\d.]+) '
+    m = re.search(r'sampling \(engine\.sample on (\d+) x (\d+) fp32 logits\): ([\d.]+) ms/step \| decode step ([\d.]+) '
                   r'ms \| ([\d.]+)% of the step', p.stdout)
     assert m, p.stdout
     assert (int(m[1]), int(m[2])) == (6, 320)  # prompts x group_size rows, the tiny model's embedding rows
