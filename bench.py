@@ -450,9 +450,9 @@ def bench_train(model, tok, args) -> dict:
     return out
 
 
-def run_steps(train_args: list[str], read=lambda r: None) -> tuple[list[dict], object]:
+def run_steps(train_args: list[str], read=lambda r: None, skip: int = 1) -> tuple[list[dict], object]:
     """train.py's steps in this process, as its loop runs them (setup, build, data, then train_step, timed step to
-    step), without checkpoints or metrics files -> (each step's metrics but the first (warm-up: kernel choice,
+    step), without checkpoints or metrics files -> (each step's metrics but the first `skip` (warm-up: kernel choice,
     allocator, an overlapped run's first rollout that nothing hides), read(the run)): what the caller needs of the
     run, never the run itself, which would keep its model and optimizer through the next one"""
     cfg, n_threads = {k: getattr(train, k) for k in train.config_keys}, torch.get_num_threads()
@@ -477,7 +477,7 @@ def run_steps(train_args: list[str], read=lambda r: None) -> tuple[list[dict], o
             r.threads.shutdown()  # the last step's launch: waited for, not abandoned mid-rollout
         r.preempt.close()
         torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
-    return rows[1:], read(r)
+    return rows[skip:], read(r)
 
 
 RL_PHASES = {'rollout': ('t_rollout',), 'reward': ('t_reward',), 'advantages': ('t_adv',),

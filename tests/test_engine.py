@@ -126,11 +126,21 @@ def test_greedy_logprobs_equal_full_forward(model):
     assert (full * cm - out['logprobs'][:, :cm.shape[1]]).abs().max() < 1e-4
 
 
-def test_prefill_shared_across_samples(model):
-    # sample j of prompt i is row i * n_samples + j: with a greedy policy all samples of a prompt are identical
-    # and equal to the n_samples=1 row
+@pytest.mark.parametrize('kind', ['static', 'hf'])
+def test_prefill_shared_across_samples(model, kind):
+    """each prompt is prefilled once, not once per sample: the one full forward sees the B prompts, every later one
+    (the slow engine's decode) one new token per live row; the static engine decodes through the modules, never the
+    model's forward. sample j of prompt i is row i * n_samples + j: greedy, every sample equals the n_samples=1 row."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw['input_ids'].shape)), with_kwargs=True)
+    try:
+        three = engine.generate(model, prompts(), n_samples=3, max_new_tokens=6, temperature=0, top_p=1.0, eos_ids=[],
+                                stop_strings=[], tok=TOK, pad_id=EOS, engine=kind)
+    finally:
+        hook.remove()
+    assert seen[0] == (3, max(map(len, prompts())))
+    assert seen[1:] == ([] if kind == 'static' else [(9, 1)] * 5)
     one = gen(model, temperature=0, eos_ids=[], max_new_tokens=6)
-    three = gen(model, n_samples=3, temperature=0, eos_ids=[], max_new_tokens=6)
     assert torch.equal(three['ids'], one['ids'].repeat_interleave(3, 0))
 
 

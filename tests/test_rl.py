@@ -15,6 +15,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import bench  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 
@@ -497,11 +498,16 @@ def test_tiny_run(mode, sft_ckpt, tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, 'ckpt', 'model.safetensors'))
 
 
-def test_tiny_run_two_iterations(sft_ckpt, tmp_path):
-    run(['train.py'] + RL + ['--mode=dapo', '--max_iters=1', '--num_iterations=2', f'--out_dir={tmp_path}',
-                             f'--init_from={sft_ckpt}'])
-    (m,) = metrics(tmp_path)
-    assert math.isfinite(m['loss']) and 0 <= m['clip_low'] <= 1 and 0 <= m['clip_high'] <= 1
+def test_two_iterations_score_the_batch_again_after_a_step(sft_ckpt):
+    """num_iterations = 2 (in process, train.py's step functions): the second pass scores the same batch under the
+    weights the first optimizer step changed, so its ratio departs from 1; one pass logs exactly 0 (the old log-probs
+    are its own forward's, detached). were num_iterations ignored, both would log 0."""
+    args = RL + ['--mode=dapo', '--max_iters=1', f'--init_from={sft_ckpt}', '--device=cpu']
+    (one,), _ = bench.run_steps(args + ['--num_iterations=1'], skip=0)
+    (two,), _ = bench.run_steps(args + ['--num_iterations=2'], skip=0)
+    assert one['reward_mean'] == two['reward_mean'] and one['len_mean'] == two['len_mean']  # the same rollout
+    assert one['log_ratio'] == 0 and two['log_ratio'] > 1e-4, (one['log_ratio'], two['log_ratio'])
+    assert math.isfinite(two['loss']) and 0 <= two['clip_low'] <= 1 and 0 <= two['clip_high'] <= 1
 
 
 def test_dapo_step_without_signal_is_logged_and_checkpointed(tmp_path):
