@@ -189,24 +189,6 @@ def choose_sdpa():
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def inference_copy(model, device: str, bf16: bool, amp: bool):
-    """the frozen copy an overlapped run generates from, computing exactly as the trainer does: under fsdp2 on gpus
-    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16. under autocast (one gpu) the trainer's
-    matmuls run autocast's bf16 casts of its fp32 weights, while its embeddings and norms (not autocast) keep the
-    residual stream fp32; the copy stores just that: each Linear's parameters in bf16 (the same rounding as autocast's
-    cast, made at each refresh, at addresses that stay, so the decode graphs are captured once per run), the rest in
-    the master dtype, and a tied lm_head its own bf16 weight (a bf16 copy throughout put 4% of tokens outside the
-    clip at lr 0)."""
-    infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if bf16 else None).eval()
-    if amp:
-        if infer.lm_head.weight is infer.get_input_embeddings().weight:
-            infer.lm_head.weight = torch.nn.Parameter(infer.lm_head.weight.detach().clone())
-        for m in infer.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.to(torch.bfloat16)
-    return infer.requires_grad_(False)
-
-
 def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
     """the frozen reference must compute exactly as the policy did at step 0, or the kl is not 0 there. fsdp2 on gpus
     casts both to bf16 for compute (MixedPrecisionPolicy), so bf16 storage is the same numbers at half the memory;
@@ -350,15 +332,6 @@ def reshards_after_forward(m) -> bool:
     the parameters on: None means they stay gathered)."""
     group = m._get_fsdp_state()._fsdp_param_group
     return group is not None and group.post_forward_mesh_info is not None
-
-
-@torch.no_grad()
-def refresh(infer, model):
-    """copy the policy's weights into the inference copy. under fsdp2 each full_tensor is an all-gather: every rank
-    calls this at the same point of the step, from the main thread, so the collectives line up."""
-    src = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head has its own weight in the copy
-    for name, p in infer.named_parameters():  # cast before the gather: a bf16 copy moves half the bytes
-        p.copy_(src[name].to(p.dtype).full_tensor() if isinstance(src[name], DTensor) else src[name])
 
 
 # -----------------------------------------------------------------------------
@@ -907,6 +880,21 @@ def build(r: Run, init: str, init_from_run: str):
                         state_dtype=DTYPES[r.optim_dtype])
 
 
+def resume(r: Run, path: str) -> tuple[dict, dict]:
+    """the optimizer's state, the counters and this rank's rng from checkpoint `path`, which build() read the weights
+    from -> (train_state.json, this rank's state: rng and an overlapped run's finished rollout)."""
+    state, rstate = load_checkpoint(path, r.params, r.optimizer, r.rank, r.world)
+    if 'rng' in rstate:
+        torch.set_rng_state(torch.tensor(rstate['rng'], dtype=torch.uint8))
+    else:
+        r.log(f"resume: {path} was written by {state['world_size']} ranks, this run has {r.world}: weights and "
+              f"optimizer resharded; the cpu rng and an overlapped run's pending rollout start afresh")
+    if r.overlap and rstate.get('pending') is None:
+        r.log("resume: no finished rollout was saved (a stop abandons the one in flight): the first step generates "
+              "its own from the resumed weights")
+    return state, rstate
+
+
 def load_data(r: Run):
     """the rows, then sft examples or rl prompts. the whole global batch is chosen by (seed, data_pos); each rank takes
     its contiguous slice."""
@@ -1143,6 +1131,33 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
 # but the copy, whose refresh the side stream waits for through an event.
 
 
+def inference_copy(model, device: str, bf16: bool, amp: bool):
+    """the frozen copy an overlapped run generates from, computing exactly as the trainer does: under fsdp2 on gpus
+    both run bf16 parameters (MixedPrecisionPolicy), so the copy is bf16. under autocast (one gpu) the trainer's
+    matmuls run autocast's bf16 casts of its fp32 weights, while its embeddings and norms (not autocast) keep the
+    residual stream fp32; the copy stores just that: each Linear's parameters in bf16 (the same rounding as autocast's
+    cast, made at each refresh, at addresses that stay, so the decode graphs are captured once per run), the rest in
+    the master dtype, and a tied lm_head its own bf16 weight (a bf16 copy throughout put 4% of tokens outside the
+    clip at lr 0)."""
+    infer = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16 if bf16 else None).eval()
+    if amp:
+        if infer.lm_head.weight is infer.get_input_embeddings().weight:
+            infer.lm_head.weight = torch.nn.Parameter(infer.lm_head.weight.detach().clone())
+        for m in infer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.to(torch.bfloat16)
+    return infer.requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh(infer, model):
+    """copy the policy's weights into the inference copy. under fsdp2 each full_tensor is an all-gather: every rank
+    calls this at the same point of the step, from the main thread, so the collectives line up."""
+    src = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head has its own weight in the copy
+    for name, p in infer.named_parameters():  # cast before the gather: a bf16 copy moves half the bytes
+        p.copy_(src[name].to(p.dtype).full_tensor() if isinstance(src[name], DTensor) else src[name])
+
+
 def start_overlap(r: Run, longest_prompt: int):
     """the background's thread, stream and process group, and its engine state, kept for the run: the copy's
     weights keep their addresses, so each bucket's graph is captured once (a round of dapo never has more rows than
@@ -1248,15 +1263,7 @@ if __name__ == "__main__":
     config['init_from'] = init  # what the model is read from (what the checkpoint's config says it was)
     build(r, init, state['init_from'])
     if r.init_from == 'resume':
-        state, rstate = load_checkpoint(init, r.params, r.optimizer, r.rank, r.world)
-        if 'rng' in rstate:
-            torch.set_rng_state(torch.tensor(rstate['rng'], dtype=torch.uint8))
-        else:
-            r.log(f"resume: {init} was written by {state['world_size']} ranks, this run has {r.world}: weights and "
-                  f"optimizer resharded; the cpu rng and an overlapped run's pending rollout start afresh")
-        if r.overlap and rstate.get('pending') is None:
-            r.log("resume: no finished rollout was saved (a stop abandons the one in flight): the first step generates "
-                  "its own from the resumed weights")
+        state, rstate = resume(r, init)
     step, data_pos = state['step'], state['data_pos']
     n_params = sum(p.numel() for p in r.model.parameters())
     r.log(f"mode {r.mode} | {n_params / 1e6:.2f}M params | world {r.world} | device {r.device} | master "
