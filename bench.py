@@ -554,12 +554,18 @@ if __name__ == '__main__':
     ap.add_argument('--overlap', nargs=argparse.REMAINDER, default=None,
                     help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
     args = ap.parse_args()
-    if args.memory is not None:  # bench's own options may also follow the config: --memory config/dapo.py --world 2
-        mp = argparse.ArgumentParser(allow_abbrev=False)
-        for k, t in (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int)):
-            mp.add_argument(f'--{k}', type=t, default=getattr(args, k), choices=list(PRESETS) if k == 'preset' else None)
-        m, rest = mp.parse_known_args(args.memory)
-        print(memory_report(rest, m.world, m.gpu_gb, m.preset or '', m.prompt_len or 256))
+    # bench's own options may also follow the train.py arguments: --overlap config/demo_rl.py --repeats 2
+    own = {'memory': (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int)),
+           'rl': (), 'overlap': (('repeats', int), ('card', str))}
+    for name, keys in own.items():
+        if getattr(args, name) is not None and keys:
+            mp = argparse.ArgumentParser(prog=f'bench.py --{name}', allow_abbrev=False)
+            for k, t in keys:
+                mp.add_argument(f'--{k}', type=t, default=getattr(args, k), choices=list(PRESETS) if k == 'preset' else None)
+            m, rest = mp.parse_known_args(getattr(args, name))
+            vars(args).update(vars(m), **{name: rest})
+    if args.memory is not None:
+        print(memory_report(args.memory, args.world, args.gpu_gb, args.preset or '', args.prompt_len or 256))
         sys.exit()
     if args.rl is not None:
         r = bench_rl(args.rl)

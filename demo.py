@@ -1,6 +1,6 @@
 """demo.py: the whole method on a CPU in minutes: SFT a tiny scratch model, RL it, and evaluate both.
 
-    python demo.py                        # sft -> dapo -> eval on held-out problems (~6 min on 2 cores)
+    python demo.py                        # sft -> dapo -> eval on held-out problems (~5 min on 2 cores)
     python demo.py --mode grpo --seed 2   # or dr_grpo; --modes grpo,dr_grpo,dapo runs all three from one sft
     python demo.py --quick                # a few steps of each stage: the plumbing only (the test suite runs it)
     python demo.py --overlap              # rl generates step N+1 from the weights before update N while N trains

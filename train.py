@@ -19,7 +19,7 @@ l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), logp from logit
    are dropped and only the missing share regenerated); overlong reward shaping.
 Every denominator spans the whole optimizer step (all micro-batches on all ranks), so 1 or 4 micro-batches
 and 1 or 2 ranks give the same gradient. With num_iterations=1 the old log-probs are the update forward's own,
-detached, so the ratio is exactly 1 (the loss is ~0; the gradient is not; watch the reward). With overlap=True
+detached, so the ratio is exactly 1 (grpo's loss is then ~0, its gradient is not: watch the reward). With overlap=True
 step N+1 is generated from theta_N (a frozen inference copy) while update N runs, one step off-policy: the old
 log-probs are the engine's sampling log-probs under theta_N, so the clipped ratio corrects for the lag.
 """

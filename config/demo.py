@@ -1,7 +1,7 @@
 # the CPU demo: a ~1M-parameter scratch model learns 3-digit addition (sft), from data where half the examples
 # show the column-by-column work in <think> and half give only the answer. the direct answer is out of a tiny
 # model's reach (~4% greedy) and the worked one is not (~85%), but after sft greedy decoding mostly answers
-# directly; rl discovers that thinking pays (see README for the figures).
+# directly; rl discovers that thinking pays (docs/results.md has the figures).
 # demo.py runs sft -> rl -> eval; the rl stage overrides mode, init_from and the rest.
 out_dir = 'out-demo/sft'
 init_from = 'scratch'

@@ -5,10 +5,10 @@ import os
 exec(open(os.path.join(os.path.dirname(__file__), 'demo.py')).read())
 out_dir = 'out-demo/rl'
 mode = 'dapo'
-max_iters = 150  # the gain comes in the first 50-100 steps (README)
+max_iters = 150  # the gain comes in the first 50-100 steps (docs/results.md)
 lr_decay_iters = 150
 warmup_iters = 2
-learning_rate = 5e-5  # 1e-4 learns no faster here, and lost accuracy on the earlier chain task (README)
+learning_rate = 5e-5  # 1e-4 learns no faster here, and lost accuracy on the chain task (docs/results.md)
 min_lr = 5e-5
 weight_decay = 0.0
 batch_size = 16
