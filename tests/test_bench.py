@@ -1,11 +1,15 @@
-"""bench.py's train-step flops, its rl phase breakdown, and the fields its rollout and overlap benches print (the
-memory planner: tests/test_memory.py). timings are machine-dependent: no test passes or fails on one."""
+"""bench.py's train-step flops, the bytes a decode step reads and their share of the bandwidth limit, its rl phase
+breakdown, and the fields its rollout and overlap benches print (the memory planner: tests/test_memory.py). timings
+are machine-dependent: no test passes or fails on one."""
 import os
 import re
 import subprocess
 import sys
 
+import pytest
+
 import bench
+from test_engine import FAMILIES, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,6 +18,29 @@ def test_model_flops_by_hand():
     # qwen2.5-3b at 1024 tokens: 6 x 3,085,938,688 + 6 x 36 layers x 2048 x 1024
     assert bench.model_flops(3_085_938_688, 36, 2048, 1024) == 18_515_632_128 + 452_984_832
     assert bench.model_flops(10, 1, 4, 8) == 60 + 192
+
+
+def test_bandwidth_share_qwen25_3b_by_hand():
+    from transformers import Qwen2Config
+    cfg = Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    w, kv = bench.decode_bytes(cfg)
+    # per layer: q 2048*2048+2048, k and v 2048*256+256 each, o 2048*2048, mlp 3*2048*11008, norms 2*2048
+    # = 77,076,992; x36 + final norm 2048 = 2,774,773,760; + lm_head 151936*2048 = 311,164,928 -> 3,085,938,688
+    assert w == 3_085_938_688 * 2 and kv == 36 * 2 * 2 * 128 * 2 == 36_864
+    # 128 rows x 512 slots x 36,864 B = 2,415,919,104; + weights = 8,587,796,480 B per step; 3400/128 = 26.5625 steps/s
+    share = bench.bandwidth_share(3400, 128, 512, w, kv, bench.PEAK_BW['H200'])
+    assert share == pytest.approx(8_587_796_480 * 26.5625 / 4.8e12, rel=1e-12) and round(share, 4) == 0.0475
+
+
+@pytest.mark.parametrize('family', FAMILIES[:2])
+def test_decode_bytes_count_the_model(family):
+    # every parameter but the input embedding (tied: the lm_head reads the same matrix, so it counts once)
+    m = tiny(family)
+    n = sum(p.numel() for p in m.parameters())
+    read = n if m.config.tie_word_embeddings else n - m.model.embed_tokens.weight.numel()
+    kv = 2 * 2 * m.config.num_key_value_heads * m.model.layers[0].self_attn.head_dim * 4  # 2 layers, K and V, fp32
+    assert bench.decode_bytes(m.config, 4) == (read * 4, kv)
 
 
 def test_rl_phases_cover_the_step():
@@ -32,7 +59,7 @@ def test_rl_phases_cover_the_step():
 
 
 def test_rollout_prints_sampling_share():
-    """the rollout bench times engine.sample on the rollout's (N, V) logits against its decode step (issue 21, 9)"""
+    """the rollout bench times engine.sample on the rollout's (N, V) logits against its decode step"""
     p = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--skip', 'train', '--repeats', '1', '--prompts',
                         '2', '--group_size', '3', '--new_tokens', '8'], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

@@ -1,4 +1,5 @@
-"""configurator.py: every failure mode of issue 2 item 1, called directly, plus three end-to-end train.py errors."""
+"""configurator.py, called directly: unknown names with a did-you-mean, type checks, bool and list parsing, config
+files that are missing or raise, which rank prints the overrides; plus three end-to-end train.py errors."""
 import pytest
 
 from configurator import configure
@@ -40,7 +41,7 @@ def test_unknown_key_in_argv_names_argv_key_and_suggestion():
 
 
 def test_unknown_key_message_names_the_value(tmp_path):
-    # issue 2 item 1: every error names source, key *and value*
+    # every error names source, key *and value*
     msg = fail(defaults(), ['--learnig_rate=0.123'])
     assert '0.123' in msg, msg
     msg = fail(defaults(), [write(tmp_path, 'learnig_rate = 0.456\n')])

@@ -15,7 +15,7 @@ import torch
 import data
 import engine
 import train
-from test_decode import TOK, prompts, tiny
+from test_engine import TOK, prompts, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -161,6 +161,24 @@ def test_summarize_hand_values():
     assert '| pass@4, flexible | 66.7% |' in table
 
 
+def summary_rows(n_samples, correct_per_problem):
+    """eval rows of problems with c of n_samples samples correct, for c in correct_per_problem (greedy: c > 0)"""
+    return [{'greedy': {'correct': c > 0, 'flex_correct': c > 0, 'truncated': False, 'answer': '1', 'length': 5},
+             'samples': [{'correct': i < c, 'flex_correct': i < c} for i in range(n_samples)]} for c in correct_per_problem]
+
+
+@pytest.mark.parametrize('n, ks, gap_k', [(4, [1, 8], 4), (8, [16], 8), (8, [1, 2, 16], 2), (1, [1, 8], 1)])
+def test_eval_skips_k_above_n_samples(n, ks, gap_k):
+    # a k above n_samples has no estimate: summarize lists it in skipped_k and the gap uses the largest k <= n
+    s = ev.summarize(summary_rows(n, [0, 1, n]), ks, 0.7)
+    assert s['skipped_k'] == [k for k in ks if k > n] and s['gap_k'] == gap_k
+    want = s[f'pass@{gap_k}'] if gap_k > 1 else s['pass@1_sampled']
+    assert s['gap'] == pytest.approx(want - 2 / 3)
+    assert all(f'pass@{k}' not in s for k in ks if k > n)
+    json.dumps(s)  # summary.json is written from this
+    assert 'gap' in ev.table({'x': s})
+
+
 # -----------------------------------------------------------------------------
 # end to end on a tiny checkpoint
 

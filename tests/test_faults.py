@@ -141,7 +141,7 @@ def test_sigterm_to_one_rank_stops_both(tmp_path):
 
 def test_the_stop_watcher_ends_before_the_interpreter(tmp_path):
     # a daemon thread still alive when python 3.11 shuts down is ended inside its next c++ call, which aborts the
-    # process ("terminate called without an active exception", SIGABRT): seen once in ci at the end of a finished run.
+    # process ("terminate called without an active exception", SIGABRT), even at the end of a finished run.
     # a hook registered before the Preemption runs after its close, and must find no watcher left; an error's exit too
     script = (f"import atexit, sys, threading; sys.path.insert(0, {ROOT!r})\n"
               "atexit.register(lambda: print('alive at exit:', [t.name for t in threading.enumerate() if t.daemon]))\n"

@@ -277,6 +277,12 @@ def qwen3b() -> dict:
                 ff=p['n_ff'], V=p['vocab'], n_tok=p['n_tok'], tied=True, bias=True)
 
 
+def test_bench_qwen3b_preset_scores_the_real_vocabulary():
+    # the preset bench builds: Qwen2.5-3B's embedding rows and its tokenizer's vocabulary
+    model, tok = bench.build('qwen3b', 'meta')  # shapes only, no memory
+    assert model.config.vocab_size == 151936 and tok.n_vocab == 151665  # qwen2.5's tokenizer, not the 261 bytes
+
+
 def test_seed_table_and_ours_beside_it():
     """the seed's 2 x RTX 4090 table (GB): bf16 weights 3, bf16 grads 3, fp32 adam 12, subtotal 18"""
     s = qwen3b()
@@ -314,7 +320,7 @@ def test_largest_micro_batch_is_the_fit_boundary():
 
 
 def test_memory_cli_prints_the_plan(tmp_path):
-    # bench's own options after the config, as the issue writes it, among train.py's overrides
+    # bench's own options after the config, among train.py's overrides
     p = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/dapo.py', '--world', '2', '--micro_batch_size=2',
                         '--gpu_gb=24'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -1,17 +1,24 @@
-"""train.AdamW's chunked foreach step against the per-parameter loop it replaced (the spec), on CPU.
+"""train.AdamW on CPU: its chunked foreach step against a per-parameter reference loop (the spec), and its state across
+a checkpoint (moments keep their dtype, a resumed run equals the uninterrupted one).
 
     python -m pytest tests/test_optim.py -q
 """
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class ReferenceAdamW(torch.optim.Optimizer):
-    """the per-parameter loop train.AdamW had before its foreach rewrite, verbatim: the semantics to keep."""
+    """AdamW one parameter at a time, in fp32 from moments stored in state_dtype: the semantics train.AdamW keeps."""
 
     def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
@@ -124,3 +131,48 @@ def test_state_round_trips(master, state_dtype, tmp_path):
         opt_c.load_state_dict(saved_torch)
         run(c, opt_c, 3, start=3)
         assert all(torch.equal(a[k], c[k]) for k in SHAPES)
+
+
+# -----------------------------------------------------------------------------
+# across a checkpoint: bf16 moments stay bf16, and a resumed run equals the uninterrupted one bit for bit
+
+
+def adam_run(steps, path, resume_at=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 8, bias=False)
+    w = model.weight
+    opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
+    for s in range(steps):
+        if s == resume_at:  # a new optimizer from the saved state, as --init_from=resume builds it
+            sd = train.save_state(path, {'weight': w}, opt)
+            opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
+            train.load_state(path, {'weight': w}, opt, sd)
+        w.grad = torch.sin(w.detach() * (s + 1))
+        opt.step()
+    return w.detach(), opt
+
+
+def test_adam_moments_keep_their_dtype_across_a_resume(tmp_path):
+    w_a, opt_a = adam_run(4, str(tmp_path / 'a'))
+    w_b, opt_b = adam_run(4, str(tmp_path / 'b'), resume_at=2)
+    st = opt_b.state[opt_b.param_groups[0]['params'][0]]
+    assert st['m'].dtype == torch.bfloat16 and st['v'].dtype == torch.bfloat16
+    assert torch.equal(w_a, w_b), "the resumed run matches the uninterrupted one bit for bit"
+
+
+def train_metrics(args):
+    """train.py in one process -> the rows of its metrics.jsonl (args ends with --out_dir)"""
+    p = subprocess.run([sys.executable, 'train.py'] + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(args[-1].split('=', 1)[1], 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_bf16_moment_resume_equals_uninterrupted(tmp_path):
+    args = ['config/tiny.py', '--optim_dtype=bf16', '--batch_size=8', '--max_iters=4']
+    a = train_metrics(args + [f'--out_dir={tmp_path / "a"}'])
+    train_metrics(args[:-1] + ['--max_iters=2', f'--out_dir={tmp_path / "b"}'])
+    b = train_metrics(args + ['--init_from=resume', f'--out_dir={tmp_path / "b"}'])
+    assert [m['loss'] for m in a] == [m['loss'] for m in b]  # exact: moments restored in fp32 would round otherwise

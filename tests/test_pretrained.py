@@ -199,7 +199,7 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
     bf16 = rollout(copy.deepcopy(model).to(torch.bfloat16).eval())
     assert torch.equal(own['ids'], same['ids']) and torch.equal(own['logprobs'], same['logprobs'])
     gap = ((own['logprobs'] - bf16['logprobs']).abs() * own['mask']).sum() / own['mask'].sum()
-    assert not torch.equal(own['ids'], bf16['ids']) or gap > 1e-3, gap  # what it was
+    assert not torch.equal(own['ids'], bf16['ids']) or gap > 1e-3, gap  # a bf16 copy differs: the check above can fail
     # the refresh after an update: autocast's rounding of the new weights, at the addresses the decode graphs read;
     # the tied lm_head (SmolLM2 ties it) from the embedding
     at = {n: p.data_ptr() for n, p in infer.named_parameters()}

@@ -132,7 +132,7 @@ CORRECT = [
     ('\\boxed{\\frac{14}{3}}', '\\frac{14}{3}', True), ('so \\boxed{5} then \\boxed{6}', '6', False),  # two values
     ('$\\displaystyle \\frac{3}{56}$', '\\frac{3}{56}', True), (None, '5', False), ('', '5', False),
     ('five', '5', False), ('10^{10^{10}}', '1', False),
-    # how models write answers (issue 14): a sentence around one number, bold, an equation chain that ends in
+    # how models write answers: a sentence around one number, bold, an equation chain that ends in
     # the value, a parenthetical, degrees, e-notation, brace-less latex, a unicode root
     ('The answer is 5', '5', True), ('She makes $18 every day.', '18', True), ('The total is 1,234 dollars.', '1234', True),
     ('**18**', '18', True), ('The answer is **18**.', '18', True), ('5 * 3 + 3 = 18', '18', True),
@@ -154,7 +154,7 @@ def test_is_correct(answer, gold, expected):
     assert timed(is_correct, answer, gold) is expected
 
 
-# when the words around a number change its meaning the answer is wrong (issue 20): RL optimises any false positive.
+# when the words around a number change its meaning the answer is wrong: RL optimises any false positive.
 # Each answer holds the gold's number, and the words turn it into something else.
 DISGUISED = {
     'negated': ['not 18', 'The answer is not 18', 'never 18', 'no 18', 'not quite 18', 'It is not 18.', '**not** 18',

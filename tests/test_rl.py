@@ -1,5 +1,6 @@
 """RL core: advantages, the clipped policy loss (value and gradient, by hand), step-wide normalisation across
-micro-batches and ranks, dynamic sampling, overlong shaping, and short runs of every mode on the tiny config.
+micro-batches and ranks, the step's statistics, dynamic sampling, overlong shaping, short runs of every mode on the tiny
+config, and grpo's reference.
 
     python -m pytest tests/test_rl.py -q              # everything (the 2-rank tests are marked slow)
     python -m pytest tests/test_rl.py -q -m 'not slow'
@@ -338,6 +339,21 @@ def test_world_size_invariance_simulated(mode):
 
 
 # -----------------------------------------------------------------------------
+# rl statistics: the step's sums are built on the device the collectives use
+
+
+def test_group_sums_live_on_the_collective_device():
+    groups = [{'rewards': [1.0, 0.0], 'comps': [[1, 2, 3], [4]], 'trunc': [False, True], 'correct': [True, False]},
+              {'rewards': [0.5, 0.5], 'comps': [[5, 6], [7, 8, 9, 10]], 'trunc': [False, False], 'correct': [False, False]}]
+    sums, mx = train.group_sums(groups, 'meta')  # the device is whatever the run's collectives use, never the host
+    assert sums.device.type == 'meta' and mx.device.type == 'meta'
+    sums, mx = train.group_sums(groups, 'cpu')
+    # rewards 1, 0, .5, .5: sum 2, squares 1.5; 4 completions of 3+1+2+4 = 10 tokens; 1 truncated, 1 correct;
+    # the second group is constant; 2 groups; longest completion 4
+    assert sums.tolist() == [2.0, 1.5, 4, 10, 1, 1, 1, 2] and mx.tolist() == [4.0]
+
+
+# -----------------------------------------------------------------------------
 # dynamic sampling
 
 
@@ -538,6 +554,36 @@ def test_rl_resume_draws_the_same_samples(sft_ckpt, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# grpo's reference computes as the policy does: the same log-probs under autocast, kl exactly 0 at step 1
+
+
+def test_reference_computes_as_the_policy_under_autocast():
+    tok = data.Tokenizer.bytes_level()
+    cfg = dict(init_from='scratch', n_embd=64, n_ff=128, n_layer=2, n_head=4, n_kv_head=2, seed=0)
+    policy = train.build_model(dict(cfg, master_dtype='fp32'), tok).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+
+    def lp(model):  # one gpu: fp32 master weights under bf16 autocast (cpu autocast stands in for cuda here)
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+            return train.token_logprobs(model, ids, attn, 12, vocab=tok.n_vocab)
+    ref = train.build_model(dict(cfg, master_dtype=train.ref_dtype('fp32', cuda=True, ddp=False)), tok).eval()
+    assert torch.equal(lp(ref), lp(policy))
+    bf16 = train.build_model(dict(cfg, master_dtype='bf16'), tok).eval()  # computes otherwise: the check can fail
+    assert not torch.equal(lp(bf16), lp(policy))
+    assert train.ref_dtype('fp32', cuda=True, ddp=True) == 'bf16'  # fsdp2's mixed precision casts both to bf16
+    assert train.ref_dtype('fp32', cuda=False, ddp=True) == 'fp32'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_grpo_kl_is_zero_at_step_one(nproc, tmp_path):
+    run(['train.py', 'config/tiny.py', '--mode=grpo', '--max_iters=1', '--batch_size=4', '--max_new_tokens=16',
+         f'--out_dir={tmp_path}'], timeout=300, torchrun=nproc == 2)
+    assert metrics(tmp_path)[0]['kl'] == 0.0
+
+
+# -----------------------------------------------------------------------------
 # 2 ranks (gloo): a dapo run with dynamic sampling, and the real FSDP2 gradient vs 1 process
 
 
@@ -558,7 +604,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, REPO)
-import train
+import data, train
 
 ddp = 'RANK' in os.environ
 rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
