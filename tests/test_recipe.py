@@ -19,7 +19,7 @@ import pytest
 
 import bench
 import train
-from test_pretrained import OFFLINE, TEST, TRAIN, smollm  # noqa: F401 (a fixture)
+from test_pretrained import OFFLINE, TEST, TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE, NPROC = os.environ.get('RECIPE_DEVICE', 'cpu'), int(os.environ.get('RECIPE_NPROC', '2'))

@@ -481,13 +481,6 @@ def test_autocast_casts_each_weight_once_per_phase(tmp_path):
 RL = ['config/tiny.py', '--max_iters=2', '--batch_size=4', '--overlong=soft', '--overlong_buffer=40']
 
 
-@pytest.fixture(scope='module')
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp('sft')
-    run(['train.py', 'config/tiny.py', '--max_iters=40', f'--out_dir={out}'])
-    return str(out / 'ckpt')
-
-
 BASE_KEYS = ('loss', 'reward_mean', 'reward_std', 'clip_low', 'clip_high', 'entropy', 'zero_std_frac', 'len_mean',
              'len_max', 'truncated_frac', 't_rollout', 't_reward', 't_adv', 't_logprobs', 't_update', 't_optim')
 
