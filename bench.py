@@ -462,11 +462,11 @@ def run_steps(train_args: list[str], read=lambda r: None, skip: int = 1) -> tupl
         torch.manual_seed(r.seed)
         train.build(r, r.init_from, r.init_from)
         train.load_data(r)
-    r.pending, r.preempt = None, train.Preemption(lambda *a: None, r.ddp, r.device, r.log)
-    if r.overlap:
-        train.start_overlap(r, max(map(len, r.prompts)))
+    r.pending, r.preempt = None, train.Preemption(None, r.ddp, r.device, r.log, signals=False)  # signals: the caller's
     rows, data_pos, t = [], 0, time.time()
     try:
+        if r.overlap:
+            train.start_overlap(r, max(map(len, r.prompts)))
         for step in range(r.max_iters):
             lr = train.set_lr(r, step)
             m, data_pos = train.train_step(r, step, data_pos)
@@ -474,7 +474,7 @@ def run_steps(train_args: list[str], read=lambda r: None, skip: int = 1) -> tupl
             rows[-1].update(step=step + 1, lr=lr, time_ms=(time.time() - t) * 1000)
             t = time.time()
     finally:
-        if r.overlap:
+        if r.overlap and hasattr(r, 'threads'):
             r.threads.shutdown()  # the last step's launch: waited for, not abandoned mid-rollout
             torch.set_num_threads(r.threads_before)  # an overlapped run gives each side half the threads
         r.preempt.close()

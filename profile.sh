@@ -27,10 +27,10 @@ else
   python - "$cfg" $steps <<'PY'
 import sys, torch
 from torch.profiler import ProfilerActivity, profile
-import bench
+import train
 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 with profile(activities=acts, record_shapes=True) as prof:
-    bench.run_steps(sys.argv[1:])  # train.py's step functions, as its loop calls them
+    train.main(sys.argv[1:])  # the run, in this process
 prof.export_chrome_trace('profiles/trace.json')
 print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15))
 phases = ('forward', 'backward', 'optimizer_step', 'rollout_generation', 'reward_computation', 'advantage_computation',

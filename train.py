@@ -650,14 +650,16 @@ class Preemption:
     optimizer step holds `lock`), and write with save(step, state, rank_state, pg) unless out_dir/ckpt already holds
     that step. the rollout in flight is regenerated on resume."""
 
-    def __init__(self, save, ddp: bool, device: str, log):
+    def __init__(self, save, ddp: bool, device: str, log, signals: bool = True):
         self.lock, self.link_lock = threading.Lock(), threading.Lock()
         self.stopping, self.closed = threading.Event(), threading.Event()
         # (step, state, rank_state) of the last finished step (None while the weights change); the step out_dir/ckpt
         # names. a periodic save of the finished step still under way when a stop comes is not waited for (it may wait
         # on a rollout): the stop writes its own, and the half-written one is cleaned up by the next save
         self.finished, self.saved = None, None
-        self.save, self.device, self.log = save, device, log
+        self.save, self.device, self.log, self.watcher = save, device, log, None
+        if not signals:  # the caller owns the process and its signals: lock, mark and park only
+            return
         self.group = dist.new_group(backend='gloo') if ddp else None  # never the main thread's group
         self.store, self.key = None, f"reasoning-engine-stop-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         if ddp:
@@ -680,6 +682,8 @@ class Preemption:
         a stop under way at a finished step is waited for (its writer ends the process); one that can no longer
         reach a finished step (an error left the step half done) for 10 s. the signals go back to their handlers
         before, and nothing is left registered that keeps the run (a process that runs train.py twice, bench.py)."""
+        if self.watcher is None:
+            return
         self.closed.set()
         self.watcher.join(timeout=None if self.finished is not None or not self.stopping.is_set() else 10)
         atexit.unregister(self.close)
@@ -1244,8 +1248,9 @@ def log_line(m: dict, max_iters: int, mode: str, overlap: bool) -> str:
 
 
 # -----------------------------------------------------------------------------
-def main(argv: list[str]):
-    """the run: configure, the mode's defaults, build, resume, then the loop."""
+def main(argv: list[str], signals: bool = True):
+    """the run: configure, the mode's defaults, build, resume, then the loop. signals: SIGTERM and SIGINT write the last
+    finished step and end the process (False where the caller owns the process: the tests run main in theirs)."""
     config = {k: globals()[k] for k in config_keys}
     configure(config, argv)  # config keys only: MODES, R1_TAGS and the like are not settings
     config = mode_defaults(config)  # what a 0 or 'auto' leaves to the mode
@@ -1271,31 +1276,30 @@ def main(argv: list[str]):
     r.log(f"mode {r.mode} | {n_params / 1e6:.2f}M params | world {r.world} | device {r.device} | master "
           f"{r.master_dtype} | adam {r.optim_dtype} | init {init}" + (" | overlapped rollouts" if r.overlap else ''))
     load_data(r)
-    r.pending = None  # overlap: the future of the next step's rollout
-    if r.overlap:
-        start_overlap(r, max(map(len, r.prompts)))
-        if rstate.get('pending') is not None:  # resumed: the checkpoint's finished one
-            r.pending = Future()
-            r.pending.set_result(tuple(rstate['pending']))
-
-    metrics_path = os.path.join(r.out_dir, 'metrics.jsonl')
-    if r.master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo. atomic: a kill here
-        # leaves the old file or the new one
-        old = read_metrics(metrics_path) if r.init_from == 'resume' and os.path.exists(metrics_path) else []
-        with open(metrics_path + '.tmp', 'w') as f:
-            f.writelines(json.dumps(m) + '\n' for m in old if m['step'] <= step)
-        os.replace(metrics_path + '.tmp', metrics_path)
-    if r.wandb_log and r.master:
-        import wandb
-        wandb.init(project=r.wandb_project, name=r.wandb_run_name, config=config)
-    r.preempt = Preemption(lambda *a: save(r, *a, stop=True), r.ddp, r.device, r.log)
-    r.preempt.saved = step
-    r.preempt.mark((step, dict(state, world_size=r.world, config=config), {'rng': torch.get_rng_state().tolist()}))
-    skips, t_last = 0, time.time()
-    try:
+    r.pending, r.preempt, done = None, None, False  # pending, overlap: the future of the next step's rollout
+    try:  # from here on, whatever ends the run gives back what it took (threads, signals): in process too
+        if r.overlap:
+            start_overlap(r, max(map(len, r.prompts)))
+            if rstate.get('pending') is not None:  # resumed: the checkpoint's finished one
+                r.pending = Future()
+                r.pending.set_result(tuple(rstate['pending']))
+        metrics_path = os.path.join(r.out_dir, 'metrics.jsonl')
+        if r.master:  # a fresh run starts the file anew; a resumed one drops the steps it will redo. atomic: a kill
+            # here leaves the old file or the new one
+            old = read_metrics(metrics_path) if r.init_from == 'resume' and os.path.exists(metrics_path) else []
+            with open(metrics_path + '.tmp', 'w') as f:
+                f.writelines(json.dumps(m) + '\n' for m in old if m['step'] <= step)
+            os.replace(metrics_path + '.tmp', metrics_path)
+        if r.wandb_log and r.master:
+            import wandb
+            wandb.init(project=r.wandb_project, name=r.wandb_run_name, config=config)
+        r.preempt = Preemption(lambda *a: save(r, *a, stop=True), r.ddp, r.device, r.log, signals=signals)
+        r.preempt.saved = step
+        r.preempt.mark((step, dict(state, world_size=r.world, config=config), {'rng': torch.get_rng_state().tolist()}))
+        skips, t_last = 0, time.time()
         while step < r.max_iters:
             lr = set_lr(r, step)
-            m, data_pos = train_step(r, step, data_pos)
+            m, data_pos = train_step(r, step, data_pos)  # the hot part; the rest of the loop is bookkeeping
             step += 1
             dt = time.time() - t_last
             t_last = time.time()
@@ -1315,21 +1319,26 @@ def main(argv: list[str]):
             state = {'step': step, 'data_pos': data_pos, 'init_from': state['init_from'], 'world_size': r.world,
                      'config': config}
             rank_state = {'rng': torch.get_rng_state().tolist()}
-            r.preempt.mark((step, state, rank_state))  # a stop from here on writes this step, without the rollout in flight
+            r.preempt.mark((step, state, rank_state))  # a stop from here on writes this step, not the rollout in flight
             if step % r.ckpt_interval == 0 or step == r.max_iters:
                 save(r, step, state, dict(rank_state, pending=r.pending.result() if r.pending is not None else None))
                 r.preempt.saved = step
             r.preempt.park()
+        done = True
+    except SystemExit:
+        raise
     except BaseException:
         # a peer that stopped exits while this rank's main thread may sit in a collective with it: the failure that
         # follows is no error, this rank's writer ends the process
-        r.preempt.park(anywhere=True)
+        if r.preempt is not None:
+            r.preempt.park(anywhere=True)
         raise
-    finally:  # an error's exit too: a process that runs main again (the tests) gets its threads and signals back
-        if r.overlap:
-            r.threads.shutdown()
+    finally:
+        if r.overlap and hasattr(r, 'threads'):  # an error's exit does not wait for the rollout in flight
+            r.threads.shutdown(wait=done, cancel_futures=not done)
             torch.set_num_threads(r.threads_before)
-        r.preempt.close()
+        if r.preempt is not None:
+            r.preempt.close()
     if r.ddp:
         dist.destroy_process_group()
 

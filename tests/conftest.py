@@ -29,7 +29,7 @@ def in_process(args: list[str]) -> subprocess.CompletedProcess:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                train.main(args)
+                train.main(args, signals=False)  # a signal is pytest's, not the run's
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
             except Exception:

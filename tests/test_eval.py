@@ -12,7 +12,7 @@ import torch
 import eval as ev
 import rewards
 import data
-import train
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
@@ -68,9 +68,8 @@ def real_rows(name, n):
 @pytest.fixture(scope='module')
 def sft(tmp_path_factory):
     out = tmp_path_factory.mktemp('sft')
-    p = subprocess.run([sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out}', '--max_iters=30',
-                        f'--seed={SEED}', f'--arith_terms={TERMS}', f'--arith_digits={DIGITS}', f'--arith_task={TASK}'],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = in_process(['config/tiny.py', f'--out_dir={out}', '--max_iters=30', f'--seed={SEED}', f'--arith_terms={TERMS}',
+                    f'--arith_digits={DIGITS}', f'--arith_task={TASK}'])
     assert p.returncode == 0, p.stderr[-3000:]
     return str(out)
 

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -30,7 +32,9 @@ def metrics(out):
 
 
 def run(cmd, check=True):
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    """cmd in a process of its own; `python train.py ...` runs in this one (conftest.in_process)"""
+    p = (in_process(cmd[2:]) if cmd[:2] == [sys.executable, 'train.py'] else
+         subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
     assert not check or p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -139,6 +143,28 @@ def test_sigterm_to_one_rank_stops_both(tmp_path):
     assert k < 400 and json.load(open(tmp_path / 'ckpt' / 'train_state.json'))['step'] == k
 
 
+def test_a_run_in_process_leaves_the_process_as_it_found_it(tmp_path):
+    """train.main(argv, signals=False), as the tests and bench.py run it in their own process: its signal handlers,
+    wakeup fd, torch's thread count and its threads are as they were, after a finished overlapped run and after one
+    that failed once its overlap had started (metrics.jsonl cannot be written)."""
+    def now():
+        fd = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(fd)
+        return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), fd, torch.get_num_threads(), \
+            sorted(t.name for t in threading.enumerate())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # an overlapped cpu run halves it while it runs
+    before = now()
+    rl = ['config/tiny.py', '--mode=dapo', '--overlap=True', '--batch_size=2', '--max_new_tokens=8']
+    assert in_process(rl + ['--max_iters=2', f'--out_dir={tmp_path}']).returncode == 0
+    assert now() == before
+    os.makedirs(tmp_path / 'b' / 'metrics.jsonl.tmp')  # a directory where the run writes a file
+    p = in_process(rl + ['--max_iters=2', f'--out_dir={tmp_path / "b"}'])
+    after = now()
+    torch.set_num_threads(threads)
+    assert p.returncode != 0 and 'IsADirectoryError' in p.stderr and after == before, p.stderr[-2000:]
+
+
 def test_the_stop_watcher_ends_before_the_interpreter(tmp_path):
     # a daemon thread still alive when python 3.11 shuts down is ended inside its next c++ call, which aborts the
     # process ("terminate called without an active exception", SIGABRT), even at the end of a finished run.
@@ -214,8 +240,7 @@ def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path, target):
     run([sys.executable, 'train.py'] + SFT + ['--max_iters=1', f'--out_dir={out}'])
     with open(out / 'ckpt' / target, 'wb') as f:
         pickle.dump(Payload(marker), f)
-    p = subprocess.run([sys.executable, 'train.py'] + SFT + ['--max_iters=2', f'--out_dir={out}', '--init_from=resume'],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run([sys.executable, 'train.py'] + SFT + ['--max_iters=2', f'--out_dir={out}', '--init_from=resume'], check=False)
     err = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and not marker.exists(), p.stderr[-2000:]
     assert err.startswith(f"{os.path.realpath(out / 'ckpt')}/state: not a readable checkpoint"), err

@@ -6,13 +6,12 @@ a checkpoint (moments keep their dtype, a resumed run equals the uninterrupted o
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,8 +161,7 @@ def test_adam_moments_keep_their_dtype_across_a_resume(tmp_path):
 
 def train_metrics(args):
     """train.py in one process -> the rows of its metrics.jsonl (args ends with --out_dir)"""
-    p = subprocess.run([sys.executable, 'train.py'] + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
-                       capture_output=True, text=True, timeout=300)
+    p = in_process(args)
     assert p.returncode == 0, p.stderr[-3000:]
     with open(os.path.join(args[-1].split('=', 1)[1], 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f]

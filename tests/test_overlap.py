@@ -18,6 +18,7 @@ import torch
 
 import data
 import train
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -31,8 +32,9 @@ ROLLOUT_KEYS = ('reward_mean', 'reward_std', 'accuracy', 'len_mean', 'len_max', 
 def run(args, nproc=1):
     launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
                                  if nproc > 1 else [])
-    p = subprocess.run(launch + ['train.py'] + [str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)  # a hang is a timeout, which fails the test
+    p = in_process([str(a) for a in args]) if nproc == 1 else subprocess.run(
+        launch + ['train.py'] + [str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=300)  # a hang is a timeout, which fails the test
     assert p.returncode == 0, p.stderr[-3000:]
 
 
@@ -134,8 +136,7 @@ def test_two_ranks_overlap_equals_sequential_at_lr0(mode, sft_ckpt, tmp_path):
 
 
 def test_overlap_is_an_rl_setting(tmp_path):
-    p = subprocess.run([sys.executable, 'train.py', 'config/tiny.py', '--overlap=True', f'--out_dir={tmp_path}'],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    p = in_process(['config/tiny.py', '--overlap=True', f'--out_dir={tmp_path}'])
     assert p.returncode != 0 and "overlap = True" in p.stderr and "'sft'" in p.stderr
 
 

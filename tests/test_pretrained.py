@@ -6,8 +6,6 @@ converted once per test run (conftest.py) to a plain HF directory, on the GSM8K 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import data
 import engine
 import rewards
 import train
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST, TRAIN = (os.path.join(ROOT, 'tests', 'data', f'gsm8k_{s}_sample.jsonl') for s in ('test', 'train'))
@@ -84,12 +83,10 @@ def test_two_rl_steps_on_the_real_model(smollm, tmp_path, mode):
     data = tmp_path / 'qa.jsonl'
     data.write_text(''.join(json.dumps({'question': r['question'], 'answer': r['answer'].split('####')[-1].strip()})
                             + '\n' for r in map(json.loads, open(TRAIN))))
-    p = subprocess.run([sys.executable, 'train.py', f'--init_from={smollm}', f'--dataset={data}', f'--mode={mode}',
-                        '--prompt_template=chat', '--batch_size=1', '--group_size=2', '--micro_batch_size=2',
-                        '--max_new_tokens=8', '--max_iters=2', '--max_gen_rounds=1', '--device=cpu',
-                        '--learning_rate=1e-6', '--activation_checkpointing=False', f'--out_dir={tmp_path / "out"}',
-                        '--ckpt_interval=1000', '--dynamic_sampling=False'], cwd=ROOT, env=OFFLINE, capture_output=True,
-                       text=True, timeout=300)
+    p = in_process([f'--init_from={smollm}', f'--dataset={data}', f'--mode={mode}', '--prompt_template=chat',
+                    '--batch_size=1', '--group_size=2', '--micro_batch_size=2', '--max_new_tokens=8', '--max_iters=2',
+                    '--max_gen_rounds=1', '--device=cpu', '--learning_rate=1e-6', '--activation_checkpointing=False',
+                    f'--out_dir={tmp_path / "out"}', '--ckpt_interval=1000', '--dynamic_sampling=False'])
     assert p.returncode == 0, p.stderr[-3000:]
     m = [json.loads(line) for line in open(tmp_path / 'out' / 'metrics.jsonl')]
     assert [r['step'] for r in m] == [1, 2] and all(math.isfinite(r['loss']) for r in m), m

@@ -303,7 +303,7 @@ def test_the_planner_output_the_docs_quote_is_what_it_prints(plans):
         body = [l for l in lines if l.strip() and not l.startswith('memory plan:')]
         outs = [o.splitlines() for o in plans.values()]
         assert any(all(l in o for l in body) for o in outs), \
-            f"no planner command prints this block:\n" + '\n'.join(l for l in body if not any(l in o for o in outs))
+            "no planner command prints this block:\n" + '\n'.join(l for l in body if not any(l in o for o in outs))
 
 
 def test_modes_table_matches_the_code():

@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)
 import bench  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
+from conftest import in_process  # noqa: E402
 
 MODES = ('grpo', 'dr_grpo', 'dapo')
 
@@ -445,7 +446,8 @@ def env():
 def run(args, cwd=REPO, timeout=180, torchrun=False):
     cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
                               else []) + args
-    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = (in_process(args[1:]) if args[0] == 'train.py' and not torchrun and cwd == REPO else  # one process: in this one
+         subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout))
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[:3000]}\n...\n{p.stderr[-2000:]}"
     return p
 
