@@ -10,6 +10,9 @@ sys.path.insert(0, ROOT)  # `import train`, `import configurator` from any cwd
 # on 2-core CI machines two intra-op threads spin against each other: tiny matmuls run ~40x slower.
 # set before torch is imported, so this process and every training subprocess use one thread.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+# nothing in the tests touches the network: a hub name fails at once instead of retrying for a minute
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
 
 def pytest_configure(config):

@@ -162,8 +162,9 @@ def test_command_parses(doc, line, argv):
                 assert os.path.isfile(os.path.join(ROOT, argv[i + 1])), where
         return
     if argv[:3] == ['python', '-m', 'pytest']:
-        for a in argv[3:]:
-            if not a.startswith('-'):
+        valued = {'-n', '--dist', '-k', '-m', '-p'}  # options whose value is the next word
+        for i, a in enumerate(argv[3:], 3):
+            if not a.startswith('-') and argv[i - 1] not in valued:
                 path, _, name = a.partition('::')
                 assert os.path.exists(os.path.join(ROOT, path)), f"{where}: no file {path}"
                 assert not name or f'def {name}(' in read(path), f"{where}: {path} has no {name}"
