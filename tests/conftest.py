@@ -19,6 +19,15 @@ def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: multi-process (torchrun) tests; still run by default')
 
 
+# minutes each on 2 cores: collected first, so the two workers (pytest -n 2 --dist loadfile) start them and end together
+FIRST = ('test_recipe.py', 'test_overlap.py', 'test_pretrained.py', 'test_faults.py', 'test_demo.py')
+
+
+def pytest_collection_modifyitems(items):
+    rank = lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST)
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
 def in_process(args: list[str]) -> subprocess.CompletedProcess:
     """train.main(args) in this process, as `python train.py args` runs from the repo root: its stdout, stderr and
     exit status (a SystemExit's message goes to stderr with status 1, as python prints it; an error, its traceback).
