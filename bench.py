@@ -372,7 +372,7 @@ def bench_rollout(model, tok, args) -> dict:
     r = {'engine_tok_s': n_tok['static'] / t['static'], 'slow_tok_s': n_tok['hf'] / t['hf'],
          'generate_tok_s': n_hf[0] / t_hf, 'engine_tokens': n_tok['static'], 'generate_tokens': n_hf[0]}
     r['speedup'], r['vs_slow'] = r['engine_tok_s'] / r['generate_tok_s'], r['engine_tok_s'] / r['slow_tok_s']
-    # sampling's share of a decode step (issue 21, finding 9): engine.sample alone, eager over the full vocabulary, on
+    # sampling's share of a decode step: engine.sample alone, eager over the full vocabulary, on
     # fp32 logits of the rollout's (N, V), against the engine's time per step (prefill included: <1% at 512 tokens)
     N, V = len(prompts) * args.group_size, model.config.vocab_size
     logits = torch.randn(N, V, device=args.device)

@@ -103,7 +103,7 @@ def format_prompt(question: str, template: str, tok: Tokenizer, system: str) -> 
     if template == 'r1':
         return R1_TEMPLATE.replace('{question}', question)
     if template == 'chat':
-        # an instruct model answers in prose unless told the format (issue 14): the user turn says it, as r1 does
+        # an instruct model answers in prose unless told the format: the user turn says it, as r1 does
         msgs = [{'role': 'system', 'content': system}, {'role': 'user', 'content': question + R1_CHAT}]
         return tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return template.replace('{question}', question)  # not .format: latex braces in a template stay as they are

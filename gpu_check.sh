@@ -35,7 +35,7 @@ RECIPE_DEVICE=cuda RECIPE_NPROC=1 python -m pytest -q tests/test_recipe.py 2>&1 
 python train.py config/tiny.py --device=cuda --out_dir=/tmp/g-sft --max_iters=60 2>&1 | tail -2 | tee "$out/train.txt"
 # 40 overlapped dapo steps under torchrun: a rollout stream and a capture stream per step once drew from the pool nccl
 # uses (32 streams); both are made once now. one rank per gpu, and nvidia-smi each second meanwhile: a rank >= 1 once
-# opened a cuda context on gpu 0 from its rollout thread (issue 21); only rank 0 may hold memory there
+# opened a cuda context on gpu 0 from its rollout thread; only rank 0 may hold memory there
 gpus=$(nvidia-smi -L | wc -l)
 torchrun --standalone --nproc_per_node=$gpus train.py config/tiny.py --device=cuda --mode=dapo \
   --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-fsdp-dapo-40 --max_iters=40 --overlap=True > /tmp/g-fsdp-dapo-40.log 2>&1 &
@@ -59,7 +59,7 @@ tail -1 /tmp/g-fsdp-dapo-40.log | tee -a "$out/train.txt"
   done
   echo "(RANK ?: /proc/PID/environ unreadable, e.g. nvidia-smi reports pids of another pid namespace)"
 } | tee "$out/gpu0_memory.txt"
-# one gpu, overlapped, lr 0 (issue 21): the inference copy computes as the trainer (fp32 master weights under bf16
+# one gpu, overlapped, lr 0: the inference copy computes as the trainer (fp32 master weights under bf16
 # autocast), so the mean |log pi_trainer - log pi_engine| over sampled tokens stays ~0 (a bf16 copy measured 0.042)
 python train.py config/tiny.py --device=cuda --mode=dr_grpo --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-overlap-1gpu \
   --max_iters=3 --overlap=True --learning_rate=0 --min_lr=0 --warmup_iters=0 2>&1 | tail -1 | tee -a "$out/train.txt"
