@@ -33,9 +33,9 @@ OUT=$out python -m pytest -q tests/test_cuda.py 2>&1 | tail -15 | tee "$out/test
 # on SmolLM2-135M, one rank on the gpu (nccl, FSDP2's bf16 parameters)
 RECIPE_DEVICE=cuda RECIPE_NPROC=1 python -m pytest -q tests/test_recipe.py 2>&1 | tail -15 | tee "$out/test_recipe.txt"
 python train.py config/tiny.py --device=cuda --out_dir=/tmp/g-sft --max_iters=60 2>&1 | tail -2 | tee "$out/train.txt"
-# 40 overlapped dapo steps under torchrun: a rollout stream and a capture stream per step once drew from the pool nccl
-# uses (32 streams); both are made once now. one rank per gpu, and nvidia-smi each second meanwhile: a rank >= 1 once
-# opened a cuda context on gpu 0 from its rollout thread; only rank 0 may hold memory there
+# 40 overlapped dapo steps under torchrun: the rollout and capture streams are made once (a stream per step would draw
+# from the pool nccl uses, 32 streams). one rank per gpu, and nvidia-smi each second meanwhile: only rank 0 may hold
+# memory on gpu 0 (a rank >= 1's rollout thread must not open a context there)
 gpus=$(nvidia-smi -L | wc -l)
 torchrun --standalone --nproc_per_node=$gpus train.py config/tiny.py --device=cuda --mode=dapo \
   --init_from=/tmp/g-sft/ckpt --out_dir=/tmp/g-fsdp-dapo-40 --max_iters=40 --overlap=True > /tmp/g-fsdp-dapo-40.log 2>&1 &
