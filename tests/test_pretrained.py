@@ -19,7 +19,6 @@ from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST, TRAIN = (os.path.join(ROOT, 'tests', 'data', f'gsm8k_{s}_sample.jsonl') for s in ('test', 'train'))
-OFFLINE = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
 
 
 def test_chat_eval_states_the_format_and_flexible_is_at_least_strict(smollm, tmp_path):

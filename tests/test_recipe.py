@@ -19,7 +19,7 @@ import pytest
 
 import bench
 import train
-from test_pretrained import OFFLINE, TEST, TRAIN
+from test_pretrained import TEST, TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE, NPROC = os.environ.get('RECIPE_DEVICE', 'cpu'), int(os.environ.get('RECIPE_NPROC', '2'))
@@ -33,7 +33,7 @@ RL = [f'--dataset={TRAIN}', '--batch_size=2', '--group_size=4', '--micro_batch_s
 
 
 def run(cwd, args, launcher=TORCHRUN, check=True):
-    p = subprocess.run(launcher + args, cwd=cwd, env=OFFLINE, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(launcher + args, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert not check or p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
 
@@ -68,7 +68,7 @@ def recipe(smollm, tmp_path_factory):
     cwd, ref = tmp_path_factory.mktemp('recipe'), tmp_path_factory.mktemp('reference')
     args = SFT + [f'--init_from={smollm}']
     # torchrun's default: the workers get 30 s from the signal before it kills them
-    p = subprocess.Popen(TORCHRUN + ['--shutdown_timeout=30'] + PROBE + args, cwd=cwd, env=OFFLINE, text=True,
+    p = subprocess.Popen(TORCHRUN + ['--shutdown_timeout=30'] + PROBE + args, cwd=cwd, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     wait_for_steps(cwd / 'out-sft', 1, p)
     t0 = time.time()
