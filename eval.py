@@ -1,4 +1,4 @@
-"""eval.py: GSM8K / MATH500 (or any jsonl) accuracy, pass@k and the baseline analysis, with train.py's engine.
+"""eval.py: GSM8K / MATH500 (or any jsonl) accuracy, pass@k and the baseline analysis, with the rollout engine (engine.py).
 
     python eval.py --ckpt out-sft/ckpt --dataset gsm8k --limit 200
     python eval.py --model Qwen/Qwen2.5-3B --dataset both --n_samples 8 --temperature 0.7
@@ -22,10 +22,10 @@ import time
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import engine
 import rewards
-import train
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -256,8 +256,8 @@ def main(argv=None):
         from transformers import AutoTokenizer
         tok = data.Tokenizer(hf=AutoTokenizer.from_pretrained(path, **extra))
     else:
-        tok = train.load_pretrained(path, '--model', data.Tokenizer.load)
-    model = (train.load_checkpoint_model(path, dtype) if train.is_checkpoint(path) else
+        tok = checkpoint.load_pretrained(path, '--model', data.Tokenizer.load)
+    model = (checkpoint.load_checkpoint_model(path, dtype) if checkpoint.is_checkpoint(path) else
              AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)).to(args.device).eval()
     try:
         eos_ids = [tok.token_id(cfg['eos_token'] or tok.default_eos(cfg['prompt_template']))]

@@ -29,15 +29,12 @@ import copy
 import json
 import math
 import os
-import pickle
 import select
-import shutil
 import signal
 import sys
 import threading
 import types
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import nvtx
@@ -47,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 import rewards
+from checkpoint import is_checkpoint, load_checkpoint, load_checkpoint_model, load_pretrained, local, save_checkpoint
 from configurator import configure
 from data import Tokenizer, collate_rl, collate_sft, format_prompt, load_rows, pad_rows, step_indices, tokenize_sft
 from engine import KVCache, generate
@@ -158,19 +156,6 @@ def build_model(cfg: dict, tok: Tokenizer):
     return model.train()
 
 
-def load_pretrained(path: str, key: str, load):
-    """load(path), with a mistyped local path or a hub name that cannot be reached said plainly, not as a hub traceback."""
-    if not os.path.isdir(path) and (path.startswith(('/', '.', '~')) or path.count('/') > 1):
-        raise SystemExit(f"{key} = {path!r}: no such directory (expected a local model dir or a hub name like 'Qwen/Qwen2.5-3B')")
-    try:
-        return load(path)
-    except OSError as e:
-        if os.path.isdir(path):
-            raise
-        raise SystemExit(f"{key} = {path!r}: no such local directory, and the Hugging Face hub could not provide it "
-                         f"(offline, only models already in the HF cache load): {str(e).splitlines()[0]}") from None
-
-
 def shard(model, mesh, param_dtype, frozen: bool = False):
     """FSDP2: one unit per decoder layer plus the root (embeddings and the tied lm_head share the root group). the
     trained root stays gathered from forward to backward (fsdp2's own choice for a root, made explicit so that a
@@ -204,10 +189,6 @@ def phase(name: str):
     trace of profile.sh lists time by phase too, not only by operator."""
     with nvtx.annotate(name), torch.profiler.record_function(name):
         yield
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class AdamW(torch.optim.Optimizer):
@@ -441,203 +422,6 @@ def select_groups(keep: list[bool], target: int, world: int) -> list[int]:
     """dynamic sampling: indices of the first kept groups, at most target, a multiple of world (equal per rank)."""
     idx = [i for i, k in enumerate(keep) if k][:target]
     return idx[:len(idx) // world * world]
-
-
-# -----------------------------------------------------------------------------
-# checkpoints. out_dir/ckpt links to the newest ckpt_NNNNNN, which holds
-#   state/            the master weights and adam's moments: each rank writes its own shard, all in parallel
-#                     (torch.distributed.checkpoint), and a load reshards them to the reading run's world size
-#   train_state.json  counters, settings, adam's step counts; rank{r}.json: that rank's rng and pending rollout
-#   config.json, tokenizer files, model.safetensors: a HF model dir for eval.py and the hub (a stop writes no
-#                     model.safetensors: the weights are in state/)
-# only tensors (read with weights_only) and json, and DCP's pickled .metadata, read by an unpickler that admits only
-# the classes metadata is made of: a checkpoint cannot run code. written to a .tmp dir, renamed, then the link is
-# swapped atomically.
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """torch.distributed.checkpoint pickles state/.metadata: read it allowing only the classes it is made of, so a
-    checkpoint from elsewhere cannot run code (the tensors themselves load with weights_only)."""
-    SAFE = {('torch.distributed.checkpoint.metadata', n) for n in (
-        'Metadata', 'MetadataIndex', 'ChunkStorageMetadata', 'TensorStorageMetadata', 'TensorProperties', 'StorageMeta',
-        '_MEM_FORMAT_ENCODING')} | {
-        ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'), ('pathlib', 'PosixPath'),
-        ('torch.serialization', '_get_layout')}
-
-    def find_class(self, module, name):
-        if (module, name) in self.SAFE or (module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds")
-
-
-def ckpt_reader(path: str):
-    """torch.distributed.checkpoint's file reader with the metadata read by MetadataUnpickler, which admits tensor
-    entries only: an entry declared as bytes would be read with an unrestricted torch.load."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            with open(os.path.join(path, '.metadata'), 'rb') as f:
-                md = MetadataUnpickler(f).load()
-            md.storage_meta = md.storage_meta or StorageMeta()
-            md.storage_meta.load_id = self.load_id
-            return md
-    return Reader(path)
-
-
-@contextlib.contextmanager
-def single_process_ok():
-    """torch.distributed.checkpoint warns on every call outside a process group; one process is a run we support."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-        yield
-
-
-def ckpt_tensors(params: dict, optimizer=None) -> dict:
-    """the weights (params: name -> parameter) and adam's moments by name, the moments laid out as their weight (a
-    DTensor under fsdp2)."""
-    def like(t, p):
-        return DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
-            if isinstance(p, DTensor) else t
-    sd = {}
-    for name, p in params.items():
-        sd[f'model.{name}'] = p
-        if optimizer is not None and (st := optimizer.state.get(p)):
-            sd[f'adam_m.{name}'], sd[f'adam_v.{name}'] = like(st['m'], p), like(st['v'], p)
-    return sd
-
-
-def save_checkpoint(out_dir: str, step: int, model, optimizer, tok: Tokenizer, state: dict, rank_state: dict,
-                    rank: int, world: int, *, params: dict | None = None, pg=None, export: bool = True,
-                    tmp: str = 'ckpt.tmp', link_lock=contextlib.nullcontext()):
-    """a collective over pg (None: the default group): each rank writes its shard of state/ and its rank{r}.json,
-    rank 0 the rest. export: also model.safetensors, a gather of the full weights to rank 0 (the default group).
-    params: name -> sharded parameter, taken while the model was at rest (fsdp2 registers the unsharded ones on the
-    modules during a forward, and a stop may write in the middle of one)."""
-    params = dict(model.named_parameters()) if params is None else params
-    finite = bool(torch.stack([local(p).isfinite().all() for p in params.values()]).all())  # host sync
-    every = [finite] * world
-    if world > 1:
-        dist.all_gather_object(every, finite, group=pg)
-    if not all(every):  # the non-finite guard makes this unreachable, and a checkpoint must never hold one
-        raise SystemExit(f"step {step}: the weights are not finite; no checkpoint written ({out_dir}/ckpt is the last good one)")
-    path = os.path.join(out_dir, tmp)
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)  # a save that died half-way
-        os.makedirs(path)
-    if world > 1:
-        dist.barrier(group=pg)
-    with open(os.path.join(path, f'rank{rank}.json'), 'w') as f:
-        json.dump(rank_state, f)
-    adam = save_state(os.path.join(path, 'state'), params, optimizer, pg)
-    sd = None
-    if export:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from torch.distributed.fsdp import FSDPModule
-        if isinstance(model, FSDPModule):  # collective: every rank takes part (torchrun with 1 rank shards too)
-            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if rank == 0:
-        from safetensors.torch import save_file
-        if sd is not None:
-            if model.config.tie_word_embeddings:
-                sd.pop('lm_head.weight', None)
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, 'model.safetensors'),
-                      metadata={'format': 'pt'})
-        model.config.architectures = [model.config.architectures[0] if model.config.architectures
-                                      else 'Qwen2ForCausalLM']
-        model.config.save_pretrained(path)
-        tok.save(path)
-        with open(os.path.join(path, 'train_state.json'), 'w') as f:
-            json.dump(dict(state, **adam), f, indent=1)
-    if world > 1:
-        dist.barrier(group=pg)
-    if rank == 0:
-        with link_lock:
-            name = f'ckpt_{step:06d}'
-            while os.path.exists(os.path.join(out_dir, name)):  # never overwrite what ckpt may point at
-                name += '+'
-            os.rename(path, os.path.join(out_dir, name))
-            link = os.path.join(out_dir, 'ckpt')
-            if os.path.lexists(link + '.new'):
-                os.remove(link + '.new')
-            os.symlink(name, link + '.new')
-            os.replace(link + '.new', link)  # atomic: ckpt names the old or the new checkpoint, never half of one
-            keep = {name}
-            if not export:  # a stop writes no HF export: the newest checkpoint that has one stays, for the hub
-                keep |= set(sorted(d for d in os.listdir(out_dir) if d.startswith('ckpt_')
-                                   and os.path.isfile(os.path.join(out_dir, d, 'model.safetensors')))[-1:])
-            for d in os.listdir(out_dir):
-                if d.startswith('ckpt_') and d not in keep:  # only after the link moved
-                    shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
-    if world > 1:
-        dist.barrier(group=pg)
-
-
-def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, 'train_state.json')) and os.path.isdir(os.path.join(path, 'state'))
-
-
-def load_checkpoint_model(path: str, dtype: torch.dtype):
-    """a reasoning-engine checkpoint as an unsharded HF model: built from its config.json, the weights from state/
-    (every rank reads them whole, as from_pretrained would)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    read_state(os.path.join(path, 'state'), ckpt_tensors(dict(model.named_parameters())))
-    return model
-
-
-def save_state(path: str, params: dict, optimizer, pg=None) -> dict:
-    """state/: the weights and adam's moments, each rank writing its own shard (a collective over pg) -> adam's step
-    counts and settings, for train_state.json."""
-    import torch.distributed.checkpoint as dcp
-    with single_process_ok():
-        dcp.save(ckpt_tensors(params, optimizer), checkpoint_id=path, process_group=pg, no_dist=not dist.is_initialized())
-    return {'adam_steps': {name: st['step'] for name, p in params.items() if (st := optimizer.state.get(p))},
-            'adam_groups': [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]}
-
-
-def read_state(path: str, tensors: dict):
-    """fill tensors (a name -> tensor or DTensor dict) in place from state/, each rank reading only the pieces of the
-    files that its shards need (no communication); a file that is not what a checkpoint holds is a plain error."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    try:
-        with torch.no_grad(), single_process_ok():
-            dcp.load(tensors, storage_reader=ckpt_reader(path), no_dist=True)
-    except (CheckpointException, OSError, pickle.UnpicklingError) as e:
-        why = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
-        raise SystemExit(f"{path}: not a readable checkpoint ({str(why).strip().splitlines()[-1]})") from None
-
-
-def load_state(path: str, params: dict, optimizer, adam: dict):
-    """adam's moments from state/ into this rank's shards of them, in the optimizer's state dtype (no communication:
-    each rank reads the pieces of the files it needs)."""
-    if unknown := sorted(set(adam['adam_steps']) - set(params)):
-        raise SystemExit(f"{path}: adam state for parameters this model does not have ({', '.join(unknown[:3])}): "
-                         f"a checkpoint of another model")
-    for name, n in adam['adam_steps'].items():
-        p = local(params[name])
-        optimizer.state[params[name]] = {'step': n, 'm': torch.zeros_like(p, dtype=optimizer.state_dtype),
-                                         'v': torch.zeros_like(p, dtype=optimizer.state_dtype)}
-    read_state(path, {k: v for k, v in ckpt_tensors(params, optimizer).items() if not k.startswith('model.')})
-    for g, saved in zip(optimizer.param_groups, adam['adam_groups']):
-        g.update({k: tuple(v) if k == 'betas' else v for k, v in saved.items()})
-
-
-def load_checkpoint(path: str, params: dict, optimizer, rank: int, world: int) -> tuple[dict, dict]:
-    """the optimizer's state from a checkpoint -> (train_state.json, this rank's rng and pending rollout). on another
-    world size the per-rank part is dropped: the data stream is global, and sampling seeds come from (step, round,
-    rank), so the run goes on as an uninterrupted one at the new size would."""
-    with open(os.path.join(path, 'train_state.json')) as f:
-        state = json.load(f)
-    load_state(os.path.join(path, 'state'), params, optimizer, state)
-    if state['world_size'] != world:
-        return state, {'pending': None}
-    with open(os.path.join(path, f'rank{rank}.json')) as f:
-        return state, json.load(f)
 
 
 class Preemption:

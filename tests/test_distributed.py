@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import data
 import train
 
@@ -172,7 +173,7 @@ def step_and_save(out_dir, step, model, opt, tok):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * step)  # a recognisable change per step
-    train.save_checkpoint(str(out_dir), step, model, opt, tok, {'step': step, 'world_size': 1}, {'rng': [1, 2]}, rank=0,
+    checkpoint.save_checkpoint(str(out_dir), step, model, opt, tok, {'step': step, 'world_size': 1}, {'rng': [1, 2]}, rank=0,
                           world=1)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -245,7 +246,7 @@ def test_normal_save_moves_ckpt_and_removes_old(tiny, tmp_path):
     assert_loads_as(str(tmp_path / 'ckpt'), w2, 2)
     # the moments by parameter name, full size: any world size can reshard them; the rest is json
     opt2 = train.AdamW(model.parameters(), lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, state_dtype=torch.float32)
-    state, rs = train.load_checkpoint(str(tmp_path / 'ckpt'), dict(model.named_parameters()), opt2, rank=0,
+    state, rs = checkpoint.load_checkpoint(str(tmp_path / 'ckpt'), dict(model.named_parameters()), opt2, rank=0,
                                       world=1)
     assert state['world_size'] == 1 and rs == {'rng': [1, 2]} and opt2.param_groups[0]['lr'] == 1e-3
     for p in model.parameters():

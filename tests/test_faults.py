@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+import checkpoint
 from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,7 @@ def test_kill_soak(tmp_path):
             ck = os.path.realpath(tmp_path / 'ckpt')
             step = json.load(open(os.path.join(ck, 'train_state.json')))['step']
             load_file(os.path.join(ck, 'model.safetensors'))
-            train.load_checkpoint_model(ck, torch.float32)
+            checkpoint.load_checkpoint_model(ck, torch.float32)
         else:
             step = 0
         where = ('during a checkpoint write' if writing else 'before its first step' if before <= last
@@ -245,7 +245,7 @@ def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path, target):
     assert p.returncode != 0 and not marker.exists(), p.stderr[-2000:]
     assert err.startswith(f"{os.path.realpath(out / 'ckpt')}/state: not a readable checkpoint"), err
     with pytest.raises(SystemExit, match='not a readable checkpoint'):
-        train.load_checkpoint_model(str(out / 'ckpt'), torch.float32)
+        checkpoint.load_checkpoint_model(str(out / 'ckpt'), torch.float32)
     assert not marker.exists()
 
 
@@ -263,8 +263,8 @@ def test_an_entry_declared_as_bytes_is_refused_not_run(tmp_path):
     a checkpoint whose 'model.x' is a pickled payload must be refused before anything is read."""
     import torch.distributed.checkpoint as dcp
     marker = tmp_path / 'pwned'
-    with train.single_process_ok():
+    with checkpoint.single_process_ok():
         dcp.save({'model.x': Payload(marker)}, checkpoint_id=str(tmp_path / 'state'), no_dist=True)
     with pytest.raises(SystemExit, match='BytesStorageMetadata, which a checkpoint never holds'):
-        train.read_state(str(tmp_path / 'state'), {'model.x': torch.zeros(2)})
+        checkpoint.read_state(str(tmp_path / 'state'), {'model.x': torch.zeros(2)})
     assert not marker.exists()

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import bench
+import checkpoint
 import data
 import engine
 import train
@@ -71,7 +72,7 @@ def count_every_thread():
 
 
 def resident_bytes(m, opt) -> int:
-    return (sum(train.local(p).nbytes for p in m.parameters())
+    return (sum(checkpoint.local(p).nbytes for p in m.parameters())
             + sum(t.nbytes for st in opt.state.values() for t in (st['m'], st['v'])))
 
 

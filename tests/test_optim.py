@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import train
 from conftest import in_process
 
@@ -30,7 +31,7 @@ class ReferenceAdamW(torch.optim.Optimizer):
             for p in group['params']:
                 if p.grad is None:
                     continue
-                w, g, st = train.local(p), train.local(p.grad).float(), self.state[p]
+                w, g, st = checkpoint.local(p), checkpoint.local(p.grad).float(), self.state[p]
                 if not st:
                     st['step'] = 0
                     st['m'] = torch.zeros_like(w, dtype=self.state_dtype)
@@ -118,10 +119,10 @@ def test_state_round_trips(master, state_dtype, tmp_path):
     run(a, opt, 3)
     b, c = copy.deepcopy(a), copy.deepcopy(a)
     # deep copies: on cpu both hold the live moments, which the next steps update in place
-    saved, saved_torch = train.save_state(str(tmp_path / 'state'), dict(a.named_parameters()), opt), copy.deepcopy(opt.state_dict())
+    saved, saved_torch = checkpoint.save_state(str(tmp_path / 'state'), dict(a.named_parameters()), opt), copy.deepcopy(opt.state_dict())
     run(a, opt, 3, start=3)
     opt_b = adam(train.AdamW, b, state_dtype, chunk=CHUNK)  # the resume path: moments by name, into state_dtype
-    train.load_state(str(tmp_path / 'state'), dict(b.named_parameters()), opt_b, saved)
+    checkpoint.load_state(str(tmp_path / 'state'), dict(b.named_parameters()), opt_b, saved)
     run(b, opt_b, 3, start=3)
     for k in SHAPES:
         assert opt_b.state[b[k]]['m'].dtype == state_dtype and torch.equal(a[k], b[k]), k
@@ -143,9 +144,9 @@ def adam_run(steps, path, resume_at=None):
     opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
     for s in range(steps):
         if s == resume_at:  # a new optimizer from the saved state, as --init_from=resume builds it
-            sd = train.save_state(path, {'weight': w}, opt)
+            sd = checkpoint.save_state(path, {'weight': w}, opt)
             opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
-            train.load_state(path, {'weight': w}, opt, sd)
+            checkpoint.load_state(path, {'weight': w}, opt, sd)
         w.grad = torch.sin(w.detach() * (s + 1))
         opt.step()
     return w.detach(), opt
