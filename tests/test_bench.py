@@ -1,10 +1,10 @@
 """bench.py's train-step flops, the bytes a decode step reads and their share of the bandwidth limit, its rl phase
 breakdown, and the fields its rollout and overlap benches print (the memory planner: tests/test_memory.py). timings
 are machine-dependent: no test passes or fails on one."""
+import contextlib
+import io
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +12,18 @@ import bench
 from test_engine import FAMILIES, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_main(args: list[str]) -> str:
+    """what `python bench.py args` prints from the repo root, run in this process."""
+    out, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            bench.main(args)
+    finally:
+        os.chdir(cwd)
+    return out.getvalue()
 
 
 def test_model_flops_by_hand():
@@ -45,13 +57,11 @@ def test_decode_bytes_count_the_model(family):
 
 def test_rl_phases_cover_the_step():
     """every phase of a grpo step is timed: the phases add up to the step but for a small remainder, each >= 0"""
-    p = subprocess.run([sys.executable, 'bench.py', '--rl', 'config/tiny.py', '--mode=grpo', '--max_iters=3',
-                        '--batch_size=2', '--group_size=2', '--max_new_tokens=16', '--device=cpu'], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    step = float(re.search(r'mean of 2 steps: (\d+) ms', p.stdout).group(1))
-    ms = {k: float(v) for k, v in re.findall(r'^  (.+?)\s+(-?[\d.]+) ms', p.stdout, re.M)}
-    assert list(ms) == list(bench.RL_PHASES) + ['other'], p.stdout
+    p = bench_main(['--rl', 'config/tiny.py', '--mode=grpo', '--max_iters=3', '--batch_size=2', '--group_size=2',
+                    '--max_new_tokens=16', '--device=cpu'])
+    step = float(re.search(r'mean of 2 steps: (\d+) ms', p).group(1))
+    ms = {k: float(v) for k, v in re.findall(r'^  (.+?)\s+(-?[\d.]+) ms', p, re.M)}
+    assert list(ms) == list(bench.RL_PHASES) + ['other'], p
     assert all(ms[k] >= 0 for k in bench.RL_PHASES)
     assert ms['rollout'] > 0 and ms['update (loss, backward)'] > 0 and ms['log-probs (old, reference)'] > 0
     assert abs(sum(ms.values()) - step) <= 1 + 0.05 * len(ms)  # printed to 0.1 ms, the step to 1 ms
@@ -60,25 +70,21 @@ def test_rl_phases_cover_the_step():
 
 def test_rollout_prints_sampling_share():
     """the rollout bench times engine.sample on the rollout's (N, V) logits against its decode step"""
-    p = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', '--skip', 'train', '--repeats', '1', '--prompts',
-                        '2', '--group_size', '3', '--new_tokens', '8'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = bench_main(['--device', 'cpu', '--skip', 'train', '--repeats', '1', '--prompts', '2', '--group_size', '3',
+                    '--new_tokens', '8'])
     m = re.search(r'sampling \(engine\.sample on (\d+) x (\d+) fp32 logits\): ([\d.]+) ms/step \| decode step ([\d.]+) '
-                  r'ms \| ([\d.]+)% of the step', p.stdout)
-    assert m, p.stdout
+                  r'ms \| ([\d.]+)% of the step', p)
+    assert m, p
     assert (int(m[1]), int(m[2])) == (6, 320)  # prompts x group_size rows, the tiny model's embedding rows
     assert 0 < float(m[3]) / float(m[4]) < 1
 
 
 def test_overlap_prints_decode_tok_s_and_bandwidth_share():
     """bench.py --overlap reports each side's rollout decode tok/s and, with --card, its share of the bandwidth limit"""
-    p = subprocess.run([sys.executable, 'bench.py', '--repeats', '1', '--card', 'H200', '--overlap', 'config/tiny.py',
-                        '--mode=dr_grpo', '--max_iters=3', '--batch_size=2', '--group_size=2', '--max_new_tokens=16',
-                        '--device=cpu'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = bench_main(['--repeats', '1', '--card', 'H200', '--overlap', 'config/tiny.py', '--mode=dr_grpo', '--max_iters=3',
+                    '--batch_size=2', '--group_size=2', '--max_new_tokens=16', '--device=cpu'])
     for side in ('sequential', 'overlapped'):
         m = re.search(rf'rollout decode, {side}: ([\d.]+) tok/s \(4 rows x len_mean / t_rollout\) \| ([\d.]+)% of the '
-                      r'memory-bandwidth limit', p.stdout)
-        assert m, p.stdout  # a number: not nan, so every step's rollout was counted
+                      r'memory-bandwidth limit', p)
+        assert m, p  # a number: not nan, so every step's rollout was counted
         assert 0 <= float(m[2]) < 100  # a 1M model on the cpu: a share that rounds to 0.0%

@@ -140,15 +140,16 @@ def test_overlap_is_an_rl_setting(tmp_path):
     assert p.returncode != 0 and "overlap = True" in p.stderr and "'sft'" in p.stderr
 
 
-@pytest.mark.slow
-def test_demo_learns_with_overlap(tmp_path):
-    # the demo's sft (800 steps, ~2 min here; 500 leave the method too weak for rl to find in a few steps), then 20
-    # overlapped rl steps of the 150 the demo runs: the reward climbs as in the sequential demo, where it went
-    # 0.53 -> 0.72 by step 20 (README: the full run)
-    run(['config/demo.py', f'--out_dir={tmp_path / "sft"}'])
-    run(['config/demo_rl.py', '--overlap=True', '--max_iters=20', '--log_interval=1', f'--out_dir={tmp_path / "rl"}',
-         f'--init_from={tmp_path / "sft" / "ckpt"}'])
-    ms = metrics(tmp_path / 'rl')
-    r = [m['reward_mean'] for m in ms]
-    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.1, r
-    assert ms[-1]['len_mean'] > ms[0]['len_mean']  # it learns to show its work
+def test_an_overlapped_run_climbs_the_reward(sft_ckpt, steps):
+    """one step off-policy, the updates still go uphill: from the tiny sft checkpoint, whose completions run into the
+    soft overlong penalty, 16 overlapped dapo steps lift the reward from about -0.7 to about 0 by shortening them, one
+    step behind the sequential run (the demo's full run, where the reward is the answer's: docs/results.md)."""
+    args = RL + ['--mode=dapo', f'--init_from={sft_ckpt}', '--learning_rate=3e-3', '--min_lr=3e-3', '--warmup_iters=0',
+                 '--max_iters=16']
+    seq, ovl = steps(args), steps(args + ['--overlap=True'])
+    for ms in (seq, ovl):
+        r, n = [m['reward_mean'] for m in ms], [m['len_mean'] for m in ms]
+        assert sum(r[:3]) / 3 < -0.5 and sum(r[-3:]) / 3 > -0.05, r
+        assert n[-1] < n[0] / 4, n
+    assert ovl[0]['reward_mean'] == seq[0]['reward_mean']  # the same first rollout, from the same weights
+    assert ovl[1]['log_ratio'] > 1e-3 and seq[1]['log_ratio'] == 0  # step 2's rollout came from theta_0 while update 1 ran

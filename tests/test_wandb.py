@@ -4,13 +4,12 @@
     python -m pytest tests/test_wandb.py -q
 """
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import in_process
+
 FAKE = """import json, os
 def _rec(kind, **kw):
     with open(os.environ['FAKE_WANDB_LOG'], 'a') as f:
@@ -24,20 +23,20 @@ def log(data, step=None):
 
 
 @pytest.mark.parametrize('on', [True, False])
-def test_wandb_gets_every_metrics_row(tmp_path, on):
+def test_wandb_gets_every_metrics_row(tmp_path, monkeypatch, on):
     (tmp_path / 'wandb.py').write_text(FAKE)
     calls = tmp_path / 'calls.jsonl'
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               FAKE_WANDB_LOG=str(calls))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv('FAKE_WANDB_LOG', str(calls))
+    monkeypatch.delitem(sys.modules, 'wandb', raising=False)  # the fake is imported afresh, and forgotten after
     out = tmp_path / 'out'
-    p = subprocess.run([sys.executable, 'train.py', 'config/tiny.py', '--max_iters=3', f'--out_dir={out}',
-                        f'--wandb_log={on}', '--wandb_project=proj', '--wandb_run_name=r1'],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = in_process(['config/tiny.py', '--max_iters=3', f'--out_dir={out}', f'--wandb_log={on}', '--wandb_project=proj',
+                    '--wandb_run_name=r1'])
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
     assert len(rows) == 3
     if not on:
-        assert not calls.exists()  # not even imported: the fake records its import
+        assert not calls.exists() and 'wandb' not in sys.modules  # not even imported: the fake records its import
         return
     got = [json.loads(line) for line in open(calls)]
     assert got[:2] == [{'kind': 'import'}, {'kind': 'init', 'project': 'proj', 'name': 'r1', 'mode': 'sft'}]
