@@ -166,7 +166,7 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
 
     def rollout(policy):
         with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-            return engine.generate(policy, prompts, n_samples=2, max_new_tokens=24, temperature=1.0, top_p=1.0,
+            return engine.generate(policy, prompts, n_samples=2, max_new_tokens=12, temperature=1.0, top_p=1.0,
                                    eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
                                    generator=torch.Generator().manual_seed(0))
     infer = train.inference_copy(model, 'cpu', bf16=False, amp=True)

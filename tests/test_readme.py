@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch.distributed.run as torchrun
 
 import configurator
 import train
+from test_bench import bench_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ['README.md', 'docs/results.md', 'docs/design.md']
@@ -270,17 +270,7 @@ def test_plot_commands_run(smoke):
 
 def plan(argv) -> str:
     """bench.py's memory planner in this process (pure arithmetic; the imports are the cost)."""
-    old, cwd = sys.argv, os.getcwd()
-    sys.argv, buf = ['bench.py'] + argv[2:], io.StringIO()
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
-        assert not e.value.code, f"{' '.join(argv)}: {e.value.code}"
-    finally:
-        sys.argv = old
-        os.chdir(cwd)
-    return buf.getvalue()
+    return bench_main(argv[2:])
 
 
 @pytest.fixture(scope='module')

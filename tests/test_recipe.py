@@ -28,7 +28,7 @@ PROBE = [os.path.join(ROOT, 'tests', 'probe.py'), os.path.join(ROOT, 'train.py')
 CPU = [f'--device={DEVICE}', '--prompt_template=chat', '--ckpt_interval=1000']
 SFT = [os.path.join(ROOT, 'config', 'sft.py'), f'--dataset={TRAIN}', '--batch_size=4', '--micro_batch_size=1',
        '--max_iters=2'] + CPU
-RL = [f'--dataset={TRAIN}', '--batch_size=2', '--group_size=4', '--micro_batch_size=1', '--max_new_tokens=16',
+RL = [f'--dataset={TRAIN}', '--batch_size=2', '--group_size=2', '--micro_batch_size=1', '--max_new_tokens=16',
       '--max_iters=1', '--max_gen_rounds=2'] + CPU
 
 
