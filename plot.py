@@ -6,8 +6,8 @@
     python plot.py out-sft                                         # sft: loss, learning rate, step time
 
 rl runs get reward and accuracy, completion length, entropy, kl (grpo), clip fractions, |log ratio| (the
-staleness of overlapped runs), zero-std share, generation rounds (dapo) and step time by phase; sft runs get
-loss, learning rate and step time. Panels and series are chosen from the keys present. Curves are a trailing
+staleness of overlapped runs), the train/infer gap, zero-std share, generation rounds (dapo) and step time by
+phase; sft runs get loss, learning rate and step time. Panels and series are chosen from the keys present. Curves are a trailing
 mean of the last --smooth steps over the raw values drawn faintly. Without matplotlib this says how to install it.
 """
 import argparse
@@ -25,6 +25,7 @@ PANELS = [
     ('kl to reference', 'rl', [('kl', ('kl',), 1)]),
     ('clip fraction (tokens)', 'rl', [('low', ('clip_low',), 1), ('high', ('clip_high',), 1)]),
     ('|log ratio| (staleness)', 'rl', [('|log ratio|', ('log_ratio',), 1)]),
+    ('train/infer gap (|log p|)', 'rl', [('mean', ('mismatch_mean',), 1), ('max', ('mismatch_max',), 1)]),
     ('zero-std group share', 'rl', [('zero std', ('zero_std_frac',), 1)]),
     ('generation rounds', 'rl', [('rounds', ('gen_rounds',), 1)]),
     ('loss (nats/token)', 'sft', [('loss', ('loss',), 1)]),

@@ -116,6 +116,8 @@ overlong_penalty = 0.5  # 'fixed': reward -= this when truncated without an answ
 overlong_buffer = 256  # 'soft': linear penalty over the last this-many tokens
 overlong_factor = 1.0  # 'soft': penalty at max_new_tokens
 format_reward = 0.0  # reward for a well-formed but wrong completion
+tis_cap = 0.0  # > 0: truncated importance sampling (verl, trl): each token's surrogate x min(pi_old / pi_engine, tis_cap),
+# the trainer's old log-probs over the sampler's, which corrects the train/infer gap; 0 off
 # system
 device = 'cuda'  # 'cuda' | 'cpu'
 seed = 1337
@@ -126,6 +128,7 @@ autocast = 'auto'  # 'auto': bf16 autocast on one gpu, off elsewhere (fsdp2 on g
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list))]
 MODES = ('sft', 'grpo', 'dr_grpo', 'dapo')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+GAP_GROWTH, GAP_MIN = 10.0, 1e-3  # the gap alarm: a mean gap this many times the run's smallest, and above this
 
 # -----------------------------------------------------------------------------
 # model
@@ -355,11 +358,13 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, *, mode: str) -> 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 mode: str, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
-                eps_high: float = 0.2, max_len: int | None = None, norm: float | None = None):
-    """clipped surrogate (+ grpo's k3 KL) -> (loss, stats). logprobs/old/ref/mask (B, T), advantages (B,).
+                eps_high: float = 0.2, max_len: int | None = None, norm: float | None = None,
+                is_weights: torch.Tensor | None = None):
+    """clipped surrogate (+ grpo's k3 KL) -> (loss, stats). logprobs/old/ref/mask/is_weights (B, T), advantages (B,).
 
     norm is the step-wide denominator (all micro-batches, all ranks): grpo sequences, dr_grpo sequences x
-    max_len, dapo completion tokens. None computes it from this batch alone."""
+    max_len, dapo completion tokens. None computes it from this batch alone. is_weights (detached) scale each token's
+    surrogate, not its kl: truncated importance sampling's min(pi_old / pi_engine, cap)."""
     if mode not in MODES[1:]:
         raise ValueError(f"policy_loss: mode {mode!r} is not one of {MODES[1:]}")
     mask = mask.float()
@@ -367,6 +372,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ratio = torch.exp((logprobs - old_logprobs) * mask)  # masked before exp: padding cannot overflow
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     tok_loss = -torch.minimum(ratio * A, clipped * A)  # (B, T)
+    if is_weights is not None:
+        tok_loss = tok_loss * is_weights
     stats = {}
     if mode == 'grpo' and beta:
         d = ((ref_logprobs - logprobs) * mask).clamp(-20, 20)  # clamp the log-ratio before exp (kl blow-ups)
@@ -398,15 +405,24 @@ def shaped_rewards(texts: list[str], golds: list[str], lengths: list[int], trunc
     return out
 
 
+def unmasked_ends(comps: list[list[int]], truncated: list[bool], texts: list[str], eos_ids: list[int],
+                  stop_strings: list[str]) -> int:
+    """completions that stopped (not truncated) but neither end in an end token nor hold a stop string: the token that
+    stopped them fell outside the loss mask, so the model is never taught to stop (a mask built from token values,
+    with pad == eos, does this)."""
+    return sum(not t and (not c or c[-1] not in eos_ids) and not any(s in x for s in stop_strings)
+               for c, t, x in zip(comps, truncated, texts))
+
+
 def group_sums(groups: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
     """this rank's sums for the step's statistics -> (reward sum, sum of squares, completions, tokens, truncated,
-    correct, constant-reward groups, groups) (8,) float64 and the longest completion (1,). built on the device
+    correct, constant-reward groups, groups, unmasked ends) (9,) float64 and the longest completion (1,). built on the device
     the collectives run on: nccl refuses host tensors (gloo does not, so only a gpu run showed it)."""
     r = [x for g in groups for x in g['rewards']]
     cl = [len(c) for g in groups for c in g['comps']]
     sums = [sum(r), sum(x * x for x in r), len(r), sum(cl), sum(x for g in groups for x in g['trunc']),
             sum(x for g in groups for x in g['correct']), sum(max(g['rewards']) - min(g['rewards']) <= 1e-6 for g in groups),
-            len(groups)]
+            len(groups), sum(g.get('ends', 0) for g in groups)]
     return (torch.tensor(sums, dtype=torch.float64, device=device),
             torch.tensor([float(max(cl, default=0))], device=device))
 
@@ -596,6 +612,7 @@ def validate(c: dict, world: int):
         need(0 < c['top_p'] <= 1, f"top_p = {c['top_p']}, expected in (0, 1]")
         need(0 <= c['eps_low'] < 1 and c['eps_high'] >= 0, f"eps_low ({c['eps_low']}) must be in [0, 1), eps_high ({c['eps_high']}) >= 0")
         need(c['beta'] >= 0, f"beta = {c['beta']}, expected >= 0")
+        need(c['tis_cap'] >= 0, f"tis_cap = {c['tis_cap']}, expected >= 0 (0 turns it off)")
         need(c['overlong'] != 'soft' or 0 < c['overlong_buffer'] <= c['max_new_tokens'],
              f"overlong_buffer ({c['overlong_buffer']}) must be in 1..max_new_tokens ({c['max_new_tokens']}) with overlong='soft'")
 
@@ -638,6 +655,7 @@ def setup(config: dict) -> Run:
         choose_sdpa()
     r.amp_on = r.autocast == 'bf16' or (r.autocast == 'auto' and r.cuda and not r.ddp)
     r.log = (lambda *a: print(*a, flush=True)) if r.master else (lambda *a: None)
+    r.gap_floor, r.alarmed = None, set()
     return r
 
 
@@ -805,7 +823,7 @@ def rollout(r: Run, step: int, data_pos: int, policy, pg=None) -> tuple[list[dic
         with phase('reward_computation'):
             lens, trunc = out['mask'].sum(-1).tolist(), out['truncated'].tolist()  # host sync
             ids = out['ids'].tolist()  # host sync
-            lps = out['logprobs'].tolist() if r.overlap else [[]] * len(ids)  # only an overlapped update reads them
+            lps = out['logprobs'].tolist()  # the sampler's: an overlapped update's old log-probs, and the gap's
             comp = [ids[i][:n] for i, n in enumerate(lens)]
             texts = [r.tok.decode([x for x in c if x not in r.eos_ids]) for c in comp]
             golds = [r.rows[i]['answer'] for i in idx for _ in range(G)]
@@ -816,7 +834,8 @@ def rollout(r: Run, step: int, data_pos: int, policy, pg=None) -> tuple[list[dic
         for j, i in enumerate(idx):  # lps: the behaviour policy's log-probs, the overlapped update's old ones
             s = slice(j * G, (j + 1) * G)
             groups.append({'prompt': r.prompts[i], 'comps': comp[s], 'rewards': rew[s], 'trunc': trunc[s],
-                           'correct': correct[s], 'lps': [lp[:n] for lp, n in zip(lps[s], lens[s])]})
+                           'correct': correct[s], 'lps': [lp[:n] for lp, n in zip(lps[s], lens[s])],
+                           'ends': unmasked_ends(comp[s], trunc[s], texts[s], r.eos_ids, r.stop_strings)})
         m['t_reward'] += time.time() - t1
         if r.mode != 'dapo' or not r.dynamic_sampling:
             stat_groups = groups
@@ -843,7 +862,7 @@ def rollout(r: Run, step: int, data_pos: int, policy, pg=None) -> tuple[list[dic
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=pg)
     s, n = sums.tolist(), sums[2].item()  # host sync
     m.update(reward_mean=s[0] / n, reward_std=math.sqrt(max(s[1] / n - (s[0] / n) ** 2, 0)), accuracy=s[5] / n,
-             len_mean=s[3] / n, len_max=mx.item(), truncated_frac=s[4] / n)
+             len_mean=s[3] / n, len_max=mx.item(), truncated_frac=s[4] / n, unmasked_ends=s[8])
     m.setdefault('zero_std_frac', s[6] / s[7])
     return groups, m, data_pos
 
@@ -866,8 +885,8 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
     micro = []
     for s in range(0, len(seq_c), mb_size):
         ids, attn, cm = collate_rl(seq_p[s:s + mb_size], seq_c[s:s + mb_size], r.pad_id)
-        old = pad_rows(seq_lp[s:s + mb_size], cm.shape[1]).to(dev) if r.overlap else None
-        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[s:s + mb_size].to(dev), old])
+        eng = pad_rows(seq_lp[s:s + mb_size], cm.shape[1]).to(dev)  # the sampler's log-probs of its own tokens
+        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[s:s + mb_size].to(dev), eng if r.overlap else None, eng])
     n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=dev)
     n_seq, n_tok = all_sum(r, n_local).tolist()  # host sync: the step-wide denominators, once
     norm = loss_norm(r.mode, n_seq, n_tok, r.max_new_tokens)
@@ -880,25 +899,32 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
             mb.append(logprobs(r.ref, mb) if r.ref is not None else None)
     sync(r)
     m['t_logprobs'] = time.time() - t2
-    t3, ent_sum = time.time(), torch.zeros((), device=dev)
+    t3, (ent_sum, gap_sum, gap_max) = time.time(), (torch.zeros((), device=dev) for _ in range(3))
     for it in range(r.num_iterations):
         if it > 0:
             optimizer_step(r, m)
         loss_sum, st_sum = torch.zeros((), device=dev), {}
         with casts(r):  # each weight cast once per optimizer step; the optimizer step is outside
             for k, mb in enumerate(micro):
-                ids, attn, cm, a, old, rlp = mb
+                ids, attn, cm, a, old, eng, rlp = mb
                 r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
                 if r.ddp:
                     r.model.set_requires_gradient_sync(r.grad_sync == 'micro' or k == len(micro) - 1)
                 with phase('policy_loss_backward'), amp(r):
                     lp = logprobs(r.model, mb, entropy=it == 0)
-                    if it == 0:  # the entropy of the policy the batch is scored under, once per step
+                    if it == 0:  # the entropy of the policy the batch is scored under, and the train/infer gap
                         lp, ent = lp
                         ent_sum += (ent * cm).sum()
-                    loss, st = policy_loss(lp, lp.detach() if old is None else old, a, cm, mode=r.mode,
-                                           ref_logprobs=rlp, beta=r.beta, eps_low=r.eps_low, eps_high=r.eps_high,
-                                           norm=norm)
+                        gap = (lp.detach() - eng).abs() * cm  # overlapped: the one-step lag too (= log_ratio)
+                        gap_sum, gap_max = gap_sum + gap.sum(), torch.maximum(gap_max, gap.max())
+                    old_lp = lp.detach() if old is None else old
+                    # tis: pi_old / pi_engine per token (overlapped, old is the engine's: 1)
+                    tis = ((old_lp - eng) * cm).exp() if r.tis_cap > 0 else None
+                    loss, st = policy_loss(lp, old_lp, a, cm, mode=r.mode, ref_logprobs=rlp, beta=r.beta,
+                                           eps_low=r.eps_low, eps_high=r.eps_high, norm=norm,
+                                           is_weights=None if tis is None else tis.clamp(max=r.tis_cap))
+                    if tis is not None:
+                        st['tis_capped'] = ((tis > r.tis_cap).float() * cm).sum() / cm.sum().clamp(min=1)
                 (loss * r.world).backward()  # x world cancels FSDP's gradient averaging, exactly once
                 loss_sum += loss.detach()
                 w = cm.sum()
@@ -909,6 +935,10 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
         m[key] = all_sum(r, v) / n_tok
     m['tokens'] = all_sum(r, sum(mb[1].sum() for mb in micro).to(dev))
     m['entropy'] = all_sum(r, ent_sum) / n_tok
+    m['mismatch_mean'] = all_sum(r, gap_sum) / n_tok  # mean and max |log pi_trainer - log pi_engine| of sampled tokens
+    if r.ddp:
+        dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
+    m['mismatch_max'] = gap_max
     sync(r)
     m['t_update'], t4 = time.time() - t3, time.time()
     optimizer_step(r, m)
@@ -1019,12 +1049,35 @@ def save(r: Run, step: int, state: dict, rank_state: dict, pg=None, stop: bool =
               f"continues)")
 
 
+def alarms(r: Run, m: dict):
+    """a step's alarms -> m['alarm'], each printed once a run: a completion that stopped on a token outside the loss
+    mask, and a growing train/infer gap (sequential runs: overlapped, the gap holds the one-step lag, which the clipped
+    ratio already corrects)."""
+    said = []
+    if m.get('unmasked_ends'):
+        said.append(('mask', f"{m['unmasked_ends']:.0f} completions stopped on a token outside the loss mask: the model "
+                             f"is not taught to stop"))
+    gap = m.get('mismatch_mean')
+    if gap is not None and not r.overlap and math.isfinite(gap):
+        if r.gap_floor is not None and gap > GAP_MIN and gap > GAP_GROWTH * r.gap_floor:
+            said.append(('gap', f"the train/infer gap grew: mean |log pi_trainer - log pi_engine| {gap:.2e}, "
+                                f"{gap / max(r.gap_floor, 1e-12):.0f}x its smallest this run ({r.gap_floor:.2e})"))
+        r.gap_floor = gap if r.gap_floor is None else min(r.gap_floor, gap)
+    if said:
+        m['alarm'] = '; '.join(text for _, text in said)
+        for kind, text in said:
+            if kind not in r.alarmed:
+                r.alarmed.add(kind)
+                r.log(f"alarm at step {m['step']}: {text}")
+
+
 def log_line(m: dict, max_iters: int, mode: str, overlap: bool) -> str:
     """a step's metrics -> its log line."""
     rl = '' if mode == 'sft' else (f" | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | len {m['len_mean']:.0f}"
                                    f" | clip {m['clip_low']:.3f}/{m['clip_high']:.3f}"
                                    + (f" | kl {m['kl']:.4f}" if 'kl' in m else '')
                                    + (f" | |log ratio| {m['log_ratio']:.4f}" if overlap else '')
+                                   + (f" | gap {m['mismatch_mean']:.1e}" if 'mismatch_mean' in m else '')
                                    + (f" | rounds {m['gen_rounds']}" if 'gen_rounds' in m else ''))
     skip = f" | skipped: {m['skip_reason']}" if m.get('skipped') else ''
     return (f"step {m['step']}/{max_iters} | loss {m['loss']:.4f}{skip}{rl} | lr {m['lr']:.1e} | "
@@ -1089,6 +1142,7 @@ def main(argv: list[str], signals: bool = True):
             t_last = time.time()
             m = {k: (v.item() if torch.is_tensor(v) else v) for k, v in m.items()}  # host sync: logging
             m.update(step=step, lr=lr, time_ms=dt * 1000)
+            alarms(r, m)
             if r.master:
                 with open(metrics_path, 'a') as f:
                     f.write(json.dumps(m) + '\n')

@@ -14,7 +14,7 @@ import plot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
 RL = ['reward / accuracy', 'completion length (tokens)', 'entropy (nats/token)', 'clip fraction (tokens)',
-      '|log ratio| (staleness)', 'zero-std group share']
+      '|log ratio| (staleness)', 'train/infer gap (|log p|)', 'zero-std group share']
 
 
 def row(mode: str, step: int, overlap: bool = False, skipped: bool = False) -> dict:
@@ -25,7 +25,7 @@ def row(mode: str, step: int, overlap: bool = False, skipped: bool = False) -> d
              len_max=32.0, truncated_frac=0.0, zero_std_frac=0.05, entropy=0.2 - 0.01 * step, clip_low=0.001,
              clip_high=0.0, log_ratio=0.002 if overlap else 0.0, tokens=4000, grad_norm=0.5, lr=1e-5,
              time_ms=800.0 + step, t_rollout=0.25, t_reward=0.01, t_adv=0.0001, t_logprobs=0.002, t_update=0.4,
-             t_optim=0.1)
+             t_optim=0.1, mismatch_mean=2e-7 + (0.002 if overlap else 0.0), mismatch_max=1e-6, unmasked_ends=0.0)
     if mode == 'grpo':
         m['kl'] = 0.001 * step
     if mode == 'dapo':
@@ -33,7 +33,7 @@ def row(mode: str, step: int, overlap: bool = False, skipped: bool = False) -> d
     if overlap:
         m['t_wait'] = 0.001
     if skipped:
-        for k in ('t_adv', 't_logprobs', 't_update', 't_optim', 'entropy'):
+        for k in ('t_adv', 't_logprobs', 't_update', 't_optim', 'entropy', 'mismatch_mean', 'mismatch_max'):
             del m[k]
     return m
 

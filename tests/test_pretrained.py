@@ -150,6 +150,10 @@ def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
     for i, c in enumerate(comps):
         assert cm[i].tolist() == [1.0] * len(c) + [0.0] * (cm.shape[1] - len(c))
         assert ids[i, -cm.shape[1]:][len(c) - 1].item() == c[-1]  # the masked-in last target is the stop token
+    texts = [tok.decode([x for x in c if x != eos]) for c in comps]
+    assert train.unmasked_ends(comps, [False] * 2, texts, [eos], stops) == 0  # the run's alarm stays quiet here
+    cut = [c[:-1] for c in comps]  # a mask one short: the stop token left out
+    assert train.unmasked_ends(cut, [False] * 2, [tok.decode([x for x in c if x != eos]) for c in cut], [eos], stops) == 2
 
 
 def test_the_overlap_copy_computes_as_the_trainer(smollm):

@@ -157,6 +157,19 @@ def test_policy_loss_dapo_by_hand():
     torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-6)
 
 
+def test_tis_weights_scale_the_surrogate_not_the_kl():
+    """truncated importance sampling by hand: ratio 1, A = +1 on two tokens weighted 0.5 and 2."""
+    lp, w, mask, A = torch.zeros(1, 2, requires_grad=True), torch.tensor([[0.5, 2.0]]), torch.ones(1, 2), torch.ones(1)
+    loss, _ = train.policy_loss(lp, lp.detach(), A, mask, mode='dapo', is_weights=w)
+    assert loss.item() == pytest.approx(-(0.5 + 2.0) / 2)  # -A * w per token, over 2 tokens
+    loss.backward()
+    torch.testing.assert_close(lp.grad, -w / 2)
+    # grpo's kl is not weighted: ref 0.5 above the policy on token 1 gives k3 = e^0.5 - 0.5 - 1 = 0.148721
+    ref = torch.tensor([[0.5, 0.0]])
+    loss, st = train.policy_loss(lp, lp.detach(), A, mask, mode='grpo', ref_logprobs=ref, beta=0.1, is_weights=w)
+    assert loss.item() == pytest.approx((-0.5 - 2.0 + 0.1 * 0.148721) / 2, abs=1e-6)  # one sequence: its mean
+
+
 def test_policy_loss_clip_high_only_above_eps_high():
     # ratio 1.25 with A > 0: clipped with eps_high 0.2, not with 0.28
     logp = torch.zeros(1, 1)
@@ -351,7 +364,9 @@ def test_group_sums_live_on_the_collective_device():
     sums, mx = train.group_sums(groups, 'cpu')
     # rewards 1, 0, .5, .5: sum 2, squares 1.5; 4 completions of 3+1+2+4 = 10 tokens; 1 truncated, 1 correct;
     # the second group is constant; 2 groups; longest completion 4
-    assert sums.tolist() == [2.0, 1.5, 4, 10, 1, 1, 1, 2] and mx.tolist() == [4.0]
+    assert sums.tolist() == [2.0, 1.5, 4, 10, 1, 1, 1, 2, 0] and mx.tolist() == [4.0]
+    groups[1]['ends'] = 1  # one of its completions stopped on a token the mask left out
+    assert train.group_sums(groups, 'cpu')[0].tolist()[-1] == 1
 
 
 # -----------------------------------------------------------------------------
@@ -485,6 +500,62 @@ RL = ['config/tiny.py', '--max_iters=2', '--batch_size=4', '--overlong=soft', '-
 
 BASE_KEYS = ('loss', 'reward_mean', 'reward_std', 'clip_low', 'clip_high', 'entropy', 'zero_std_frac', 'len_mean',
              'len_max', 'truncated_frac', 't_rollout', 't_reward', 't_adv', 't_logprobs', 't_update', 't_optim')
+
+
+def test_the_train_infer_gap_is_logged_and_tis_corrects_it(sft_ckpt):
+    """the sampler's log-probs against the update's first forward, every step: ~0 in fp32 (the engine computes what
+    the trainer does), visible under bf16 autocast. a cap below 1 weighs every token by the cap: dapo's loss scales
+    by it exactly, on the same rollout."""
+    args = RL + ['--mode=dapo', '--max_iters=1', f'--init_from={sft_ckpt}']
+    (fp32,), _ = bench.run_steps(args, skip=0)
+    (bf16,), _ = bench.run_steps(args + ['--autocast=bf16'], skip=0)
+    assert fp32['mismatch_mean'] < 1e-5 and fp32['mismatch_max'] < 1e-4, fp32
+    assert bf16['mismatch_mean'] > 1e-5 and bf16['mismatch_max'] >= bf16['mismatch_mean'], bf16
+    (capped,), _ = bench.run_steps(args + ['--tis_cap=0.5'], skip=0)
+    assert capped['reward_mean'] == fp32['reward_mean'] and capped['tis_capped'] == 1
+    assert capped['loss'] == pytest.approx(0.5 * fp32['loss'], rel=1e-5)
+
+
+def test_unmasked_ends_by_hand():
+    eos, stops = [9], ['</answer>']
+    comps = [[5, 9], [5, 6], [5, 6], [5, 6], []]
+    texts = ['a', 'x</answer>', 'x</answ', 'abc', '']
+    # stopped on eos: fine; on the stop string: fine; its last token cut off: counted; truncated: fine; empty: counted
+    assert train.unmasked_ends(comps, [False, False, False, True, False], texts, eos, stops) == 2
+    assert train.unmasked_ends(comps[:1], [False], ['a'], [7], stops) == 1  # another end token
+
+
+def test_an_end_outside_the_mask_raises_its_alarm_once(sft_ckpt, tmp_path, monkeypatch):
+    """a sampler that leaves each stopped completion's last token out of its mask (pad == eos masks eos this way):
+    the alarm is printed once, and kept in every step's metrics row it fires on."""
+    def cut(*a, **k):
+        out = real(*a, **k)
+        n = out['mask'].sum(-1)
+        for i in (~out['truncated']).nonzero().flatten().tolist():
+            out['mask'][i, n[i] - 1] = False
+        return out
+    real = train.generate
+    monkeypatch.setattr(train, 'generate', cut)
+    p = run(['train.py'] + RL + ['--mode=dr_grpo', '--max_iters=3', f'--init_from={sft_ckpt}', f'--out_dir={tmp_path}'])
+    ms = metrics(tmp_path)
+    assert all(m['unmasked_ends'] > 0 and 'outside the loss mask' in m['alarm'] for m in ms), ms
+    assert p.stdout.count('alarm at step') == 1 and 'alarm at step 1:' in p.stdout, p.stdout
+
+
+def test_a_growing_gap_raises_its_alarm_once():
+    import types
+    said = []
+    r = types.SimpleNamespace(overlap=False, gap_floor=None, alarmed=set(), log=said.append)
+    rows = [{'step': i + 1, 'mismatch_mean': g} for i, g in enumerate([2e-4, 1e-4, 9e-4, 1.1e-3, 5e-3, 8e-3])]
+    for m in rows:
+        train.alarms(r, m)
+    # 9e-4 is 9x the smallest (1e-4); 1.1e-3 is 11x it and above 1e-3: from there on
+    assert ['alarm' in m for m in rows] == [False, False, False, True, True, True]
+    assert len(said) == 1 and said[0].startswith('alarm at step 4: the train/infer gap grew')
+    r = types.SimpleNamespace(overlap=True, gap_floor=None, alarmed=set(), log=said.append)
+    for m in [{'step': 1, 'mismatch_mean': 1e-7}, {'step': 2, 'mismatch_mean': 0.1}]:  # overlapped: the lag
+        train.alarms(r, m)
+        assert 'alarm' not in m
 
 
 @pytest.mark.parametrize('mode', MODES)
