@@ -1,6 +1,6 @@
-"""bench.py: rollout tokens/s against model.generate and sampling's share of a decode step, training-step throughput,
-MFU and peak memory, time per rl phase, rl steps sequential vs overlapped (and their decode tokens/s), and a memory
-planner (will a config fit, and what would).
+"""bench.py: rollout tokens/s against model.generate, the shares of a decode step that sampling and the stop check take
+(the check against the per-row check it replaced), training-step throughput, MFU and peak memory, time per rl phase,
+rl steps sequential vs overlapped (and their decode tokens/s), and a memory planner (will a config fit, and what would).
 
     python bench.py                                   # tiny scratch model on CPU
     python bench.py --preset qwen3b --device cuda     # random-weight Qwen2.5-3B-shaped model, real sizes
@@ -382,12 +382,61 @@ def bench_rollout(model, tok, args) -> dict:
                              args.device) / k * 1000
     r['step_ms'] = t['static'] / n_steps['static'] * 1000
     r['sampling_share'], r['shape'] = r['sampling_ms'] / r['step_ms'], (N, V)
+    # the stop check on the rollout's rows; the presets' byte tokenizer stands in at its own size, not qwen's
+    by = data.Tokenizer.load(args.tokenizer) if args.tokenizer else tok if args.ckpt else data.Tokenizer.bytes_level()
+    r |= bench_stop_check(by, N, args.new_tokens, args.device, args.repeats)
+    r['check_share'], r['per_row_share'] = r['check_ms'] / r['step_ms'], r['per_row_ms'] / r['step_ms']
+    r['check_tok'] = os.path.basename(os.path.normpath(p)) if (p := args.tokenizer or args.ckpt) else 'byte'
     bw = card_bw(args.device.startswith('cuda'), args.card)
     if bw:  # rows run to the end without eos (random weights): exact; with early stops an upper estimate
         w, kv = decode_bytes(model.config, next(model.parameters()).element_size())
         rows, ctx = len(prompts) * args.group_size, max(map(len, prompts)) + args.new_tokens
         r['bw_share'] = bandwidth_share(r['engine_tok_s'], rows, ctx, w, kv, bw)
         r['bw_limit_tok_s'] = r['engine_tok_s'] / r['bw_share']
+    return r
+
+
+def bench_stop_check(tok, rows: int, steps: int, device: str, repeats: int) -> dict:
+    """the host bookkeeping of a decode step, eos and the stop string '</answer>': engine.stop_check (a table lookup on
+    the device, one read back, windows decoded for the rows it flags) against the per-row check it replaced (every
+    token read back, every row's window decoded), on the same rows: r1 completions whose reasoning runs i / rows of the
+    steps in row i (the last ones truncated), each row leaving at its stop as in generate. both must stop the same rows
+    at the same steps; the token table is built once per tokenizer and stop strings (cached), timed apart."""
+    eos, stops = [tok.token_id(tok.default_eos('r1'))], ['</answer>']
+    body = tok.encode('\n'.join(p['reasoning'] for p in data.arith_problems(64, 'train', 0, 3, 2)) + '\n')
+    body = body * (steps // len(body) + 2)
+    seqs = [(tok.encode('<think>') + body[i:i + steps * i // rows] + tok.encode(f'</think><answer>{i}</answer>')
+             + eos * steps)[:steps] for i in range(rows)]
+    window, eos_set = max(len(s.encode()) for s in stops), set(eos)
+    ends = lambda ids: ids[-1] in eos_set or any(s in tok.decode(ids[-window:]) for s in stops)
+    stop = [next((t for t in range(steps) if ends(s[:t + 1])), steps) for s in seqs]
+    lives = [[i for i in range(rows) if stop[i] >= t] for t in range(steps)]  # the rows generate keeps at each step
+    lives = [x for x in lives if x]
+    cols = [torch.tensor([seqs[i][t] for i in x], device=device) for t, x in enumerate(lives)]  # each step's nxt
+    live_t = [torch.tensor(x) for x in lives]  # generate keeps live as a tensor, the per-row check kept a list
+    res = {}
+
+    def per_row():
+        texts, res['per_row'] = [[] for _ in range(rows)], []
+        for col, live in zip(cols, lives):
+            done = []
+            for i, x in zip(live, col.tolist()):  # host sync
+                texts[i].append(x)
+                done.append(x in eos_set or any(s in tok.decode(texts[i][-window:]) for s in stops))
+            res['per_row'].append(done)
+
+    def ours():
+        check = engine.stop_check(tok, eos, stops, rows, steps, device)
+        res['ours'] = [check(col, live, t) for t, (col, live) in enumerate(zip(cols, live_t))]
+
+    t0 = time.perf_counter()
+    table = engine.stop_ends.__wrapped__(tok, tuple(stops), tok.n_vocab)
+    r = {'table_ms': (time.perf_counter() - t0) * 1000, 'check_rows': rows,
+         'decoded': sum(table[c.cpu()].sum().item() for c in cols) / sum(map(len, cols))}  # of the live rows' windows
+    r['check_ms'], r['per_row_ms'] = (timed(f, repeats, device) / len(cols) * 1000 for f in (ours, per_row))
+    want = [[stop[i] == t for i in x] for t, x in enumerate(lives)]
+    assert [[j in d for j in range(len(x))] for d, x in zip(res['ours'], lives)] == res['per_row'] == want, \
+        'the checks stop different rows'
     return r
 
 
@@ -536,6 +585,7 @@ def main(argv: list[str]):
     ap.add_argument('--preset', default=None, choices=list(PRESETS), help="default tiny (--memory: the config's model)")
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--ckpt', default='', help="a demo checkpoint: real prompts with early stops")
+    ap.add_argument('--tokenizer', default='', help="HF tokenizer for the stop check (default: --ckpt's, else bytes)")
     ap.add_argument('--prompts', type=int, default=8)
     ap.add_argument('--group_size', type=int, default=8)
     ap.add_argument('--prompt_len', type=int, default=None, help='default 64 (--memory: 256, for gsm8k r1 prompts)')
@@ -599,6 +649,11 @@ def main(argv: list[str]):
                  if 'bw_share' in r else ''))
         print(f"  sampling (engine.sample on {r['shape'][0]} x {r['shape'][1]} fp32 logits): {r['sampling_ms']:.3f} "
               f"ms/step | decode step {r['step_ms']:.3f} ms | {100 * r['sampling_share']:.1f}% of the step")
+        print(f"  stop check (eos and '</answer>' on {r['check_rows']} rows, {r['check_tok']} tokenizer, "
+              f"{100 * r['decoded']:.1f}% of the windows decoded): {r['check_ms']:.3f} ms/step | per-row decode "
+              f"{r['per_row_ms']:.3f} ms/step | ratio {r['per_row_ms'] / r['check_ms']:.1f}x | "
+              f"{100 * r['check_share']:.1f}% of the step (per-row {100 * r['per_row_share']:.1f}%) | token table "
+              f"{r['table_ms']:.0f} ms, once per tokenizer")
     if args.skip != 'train':
         r = bench_train(model, tok, args)
         print(f"train step ({args.accum} micro-batches of {args.micro_batch} x {args.seq_len} tokens, then the optimizer; "

@@ -6,6 +6,7 @@ batch-size bucket on GPU. train.py rolls out with it, eval.py and bench.py gener
     out = generate(model, prompts, n_samples=8, max_new_tokens=256, temperature=1.0, top_p=1.0, eos_ids=[eos],
                    stop_strings=['</answer>'], tok=tok, pad_id=eos)  # ids, mask, logprobs (N, T), truncated (N,)
 """
+import functools
 import inspect
 
 import torch
@@ -231,6 +232,48 @@ def hf_engine(model, cache, attn, n_samples: int, kw: str):
     return advance
 
 
+@functools.lru_cache(maxsize=8)
+def stop_ends(tok, stop_strings: tuple[str, ...], n_vocab: int) -> torch.Tensor:
+    """(n_vocab,) bool: the tokens that can complete a stop string. a stop string first shows in the decoded window
+    with the token that carries its last character, whose text up to that character ends with the stop string or is
+    the end of it. a token counts when its text (read after an anchor token: sentencepiece drops a text's leading
+    space) has such a character, is empty, or is partial utf-8 (U+FFFD: its bytes may finish a character begun before).
+    a decode that rewrites text across tokens (transformers' clean_up_tokenization_spaces, never for bpe: 'a' ' n' "'t"
+    -> "an't" completes 'an' on the 't') makes every token count. cached: one decode per id, 0.2 s for SmolLM2's 49k."""
+    if not stop_strings:
+        return torch.zeros(n_vocab, dtype=torch.bool)
+    if tok.decode(tok.encode("a n't")) != "a n't":
+        return torch.ones(n_vocab, dtype=torch.bool)
+    a = tok.encode('a')
+    head = tok.decode(a)
+    texts = (tok.decode(a + [i]) for i in range(n_vocab))
+    tails = (x[len(head):] if x.startswith(head) else '' for x in texts)  # '': the anchor's own text changed
+    ends = lambda y: any(y[:p + 1].endswith(s) or s.endswith(y[:p + 1]) for s in stop_strings
+                         for p, c in enumerate(y) if c == s[-1])
+    return torch.tensor([not y or '\ufffd' in y or ends(y) for y in tails], dtype=torch.bool)
+
+
+def stop_check(tok, eos_ids: list[int], stop_strings: list[str], N: int, T: int, dev):
+    """-> check(nxt, live, t) -> the positions (a host list) of the rows that end at step t: on an eos id, or on a stop
+    string in the decoded window of their last tokens. nxt (n,) the step's tokens on dev; live (n,) their output rows
+    (of N, over T steps) on the host. eos and stop_ends are one table lookup on the device, read back with the tokens
+    in the step's one sync; the host decodes the windows of the flagged rows only."""
+    n = tok.n_vocab
+    kind = stop_ends(tok, tuple(stop_strings), n).long() * 2  # 2: may complete a stop string, 1: eos, 0: neither
+    kind[torch.tensor([e for e in eos_ids if 0 <= e < n], dtype=torch.long)] = 1  # ids past n are never sampled
+    kind = kind.to(dev)
+    hist = torch.zeros(N, T, dtype=torch.long)  # every row's tokens, on the host: the windows to decode
+    window = max([len(s.encode()) for s in stop_strings] + [1])  # a stop string spans at most this many tokens
+
+    def check(nxt, live, t):
+        xk = torch.stack((nxt, kind[nxt])).cpu()  # host sync: the one per decode step
+        hist[live, t] = xk[0]
+        text = lambda j: tok.decode(hist[live[j], max(0, t + 1 - window):t + 1].tolist())
+        return [j for j, k in enumerate(xk[1].tolist()) if k == 1 or k == 2 and any(s in text(j) for s in stop_strings)]
+
+    return check
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
              top_p: float, eos_ids: list[int], stop_strings: list[str], tok, pad_id: int,
@@ -238,9 +281,9 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     """-> ids (N, T), mask (N, T), logprobs (N, T), truncated (N,), N = len(prompts) * n_samples.
 
     row i * n_samples + j is sample j of prompt i; the stop token (eos or the end of a stop string) is kept
-    in the mask; rows that stop leave the batch, so they cost no more compute. engine 'static': static KV cache and
-    own decode step (CUDA graphs on GPU), in kv when given (kept across calls); 'hf': the HF forward on a
-    DynamicCache. both draw the same random numbers."""
+    in the mask; rows that stop (stop_check: one host read a step) leave the batch, so they cost no more compute.
+    engine 'static': static KV cache and own decode step (CUDA graphs on GPU), in kv when given (kept across calls);
+    'hf': the HF forward on a DynamicCache. both draw the same random numbers."""
     from transformers import DynamicCache
     if engine not in ('static', 'hf'):
         raise ValueError(f"engine must be 'static' or 'hf', got {engine!r}")
@@ -266,26 +309,21 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long)
     stopped = torch.zeros(N, dtype=torch.bool)  # on eos or a stop string; the rest are truncated
     rows = torch.arange(N, device=dev)  # output row of each live batch row
-    live = list(range(N))  # the same, on the host
-    texts = [[] for _ in range(N)]
-    window = max([len(s.encode()) for s in stop_strings] + [1])  # a stop string spans at most this many tokens
-    eos = set(eos_ids)
+    live = torch.arange(N)  # the same, on the host
+    check = stop_check(tok, eos_ids, stop_strings, N, max_new_tokens, dev)
     for t in range(max_new_tokens):
         logits[:, tok.n_vocab:] = -float('inf')  # embedding rows past the tokenizer are never sampled
         nxt, lp = sample(logits, temperature, top_p, generator)
         out_ids[rows, t], out_lp[rows, t] = nxt, lp
-        done = []
-        for k, (r, x) in enumerate(zip(live, nxt.tolist())):  # host sync: one per decode step
-            texts[r].append(x)
-            if x in eos or (stop_strings and any(s in tok.decode(texts[r][-window:]) for s in stop_strings)):
-                lengths[r], stopped[r] = t + 1, True
-                done.append(k)
-        if t == max_new_tokens - 1 or len(done) == len(live):
+        ends = check(nxt, live, t)  # the positions of the live rows that end at step t, on the host
+        if ends:
+            lengths[live[ends]], stopped[live[ends]] = t + 1, True
+        if t == max_new_tokens - 1 or len(ends) == len(live):
             break
         kept = None
-        if done:
-            kept = sorted(set(range(len(live))) - set(done))
-            live, keep = [live[k] for k in kept], torch.tensor(kept, device=dev)
+        if ends:
+            kept = sorted(set(range(len(live))) - set(ends))
+            live, keep = live[kept], torch.tensor(kept, device=dev)
             rows, nxt = rows[keep], nxt[keep]
         logits = advance(nxt, kept)
     mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).to(dev)

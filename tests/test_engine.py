@@ -1,7 +1,7 @@
 """the rollout engine: sample() (top-p, temperature, greedy), decode_step and the static KV cache against the HF
 forward, the static engine against the hf engine and model.generate, compaction against rows run alone, seeded
-sampling, stops, padding, out-of-vocabulary ids, sampling and chunked log-probs against a full forward, FSDP2 (2 ranks)
-against unwrapped.
+sampling, stops, the stop check against a per-row decode, padding, out-of-vocabulary ids, sampling and chunked log-probs
+against a full forward, FSDP2 (2 ranks) against unwrapped.
 
     python -m pytest tests/test_engine.py -q
 """
@@ -322,6 +322,115 @@ def check_stops(out, stops, max_new):
             assert out['truncated'][i] == (not hit), (i, text)  # stopping on the last allowed token is a stop
         assert out['mask'][i, :n].all() and not out['mask'][i, n:].any()
         assert (out['logprobs'][i, n:] == 0).all() and (out['logprobs'][i, :n] < 0).all()
+
+
+def per_row_check(tok, eos_ids, stop_strings, N, T, dev):
+    """the reference for engine.stop_check: every token read back, every live row's window of last tokens decoded"""
+    texts, eos = [[] for _ in range(N)], set(eos_ids)
+    window = max([len(s.encode()) for s in stop_strings] + [1])
+
+    def check(nxt, live, t):
+        ends = []
+        for j, (r, x) in enumerate(zip(live.tolist(), nxt.tolist())):
+            texts[r].append(x)
+            if x in eos or any(s in tok.decode(texts[r][-window:]) for s in stop_strings):
+                ends.append(j)
+        return ends
+
+    return check
+
+
+def test_stop_ends_by_hand():
+    # a byte alone decodes to itself below 0x80, to U+FFFD from 0x80 (partial utf-8); the specials 256..260 are
+    # <|endoftext|> <think> </think> <answer> </answer>: each ends in '>', yet only </answer> itself completes
+    # '</answer>' with it, and only <|endoftext|> holds 'x', the whole of the stop string 'x'
+    ends = lambda *stops: engine.stop_ends(TOK, stops, TOK.n_vocab).nonzero().flatten().tolist()
+    assert ends('</answer>', 'café') == [ord('>')] + list(range(0x80, 256)) + [260]  # é: c3 a9, both >= 0x80
+    assert ends('ax', 'x') == [ord('x')] + list(range(0x80, 257))
+    assert ends('a>b', 'zz') == [ord('b'), ord('z')] + list(range(0x80, 256))
+    assert ends() == []
+
+
+def metaspace_tok(cleanup: bool):
+    """a sentencepiece-style word tokenizer: '▁' marks a space, dropped at the start of a decoded text"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {'[UNK]': 0, '▁a': 1, "▁n't": 2, 'x': 3, '▁y': 4, '▁n': 5, "'t": 6, 'a': 7}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    return data.Tokenizer(hf=PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=cleanup))
+
+
+@pytest.mark.parametrize('cleanup', [False, True])
+def test_stop_ends_reads_a_token_in_context(cleanup):
+    # '▁y' decodes alone to 'y', after 'x' to 'x y': it completes the stop string 'x ' with its leading space.
+    # cleaning up spaces rewrites text across tokens: 'a' '▁n' "'t" decode to "an't", so "'t" completes 'an' without
+    # an 'n' (a second, longer stop string widens the window to hold all three)
+    tok = metaspace_tok(cleanup)
+    stops, ids = (['an', 'zzzzz'], [7, 5, 6]) if cleanup else (['x '], [3, 4])
+    assert tok.decode(ids[-1:]) in ('y', "'t") and stops[0] in tok.decode(ids) and stops[0] not in tok.decode(ids[:-1])
+    want = [True] * 8 if cleanup else [False, True, True, False, True, True, False, False]  # these hold a space
+    assert engine.stop_ends(tok, tuple(stops), 8).tolist() == want
+    for make in (engine.stop_check, per_row_check):
+        check = make(tok, [], stops, 1, len(ids), 'cpu')
+        assert [check(torch.tensor([x]), torch.tensor([0]), t) for t, x in enumerate(ids)][-1] == [0]
+
+
+def run_checks(check, seqs):
+    """-> each row's stop step (None: truncated) as generate keeps the rows: those that stop leave the batch"""
+    live, stop = list(range(len(seqs))), [None] * len(seqs)
+    for t in range(len(seqs[0])):
+        ends = check(torch.tensor([seqs[r][t] for r in live]), torch.tensor(live), t)
+        for j in ends:
+            stop[live[j]] = t
+        live = [r for j, r in enumerate(live) if j not in ends]
+    return stop
+
+
+def test_stop_check_equals_per_row_check():
+    # byte rows of 24 steps: stop strings across tokens, in one special token, ending on a partial utf-8 byte, after
+    # near misses (tokens that hold a stop string's last character and complete nothing), eos; then random rows of
+    # the same pieces. stop_check decodes the flagged rows only, per_row_check every row at every step: the same stops
+    stops, T = ['</answer>', 'café'], 24
+    by_hand = [(list(b'x</answer>'), 9),  # nine tokens
+               (list(b'ab') + [260], 2),  # the special </answer>: one token
+               (list(b'a>b>c</answer>'), 13),  # two near misses first
+               (list('zcafé'.encode()), 5),  # é is c3 a9: its last byte alone decodes to U+FFFD
+               (list(b'caf\xc3xcafe'), None),  # a partial é, a plain e: no café
+               (list(b'</answe') + [259, ord('>')], None),  # '>' after <answer>: flagged, completes nothing
+               (list(b'ab') + [EOS], 2)]
+    pieces = [[260], [259], [EOS], list(b'</ans'), list(b'wer>'), list(b'>'), list('é'.encode()), [0xc3], list(b'caf'),
+              list(b'x'), list(b' ')]
+    g, seqs = torch.Generator().manual_seed(0), [s for s, _ in by_hand]
+    for _ in range(24):
+        seqs.append([])
+        while len(seqs[-1]) < T:
+            seqs[-1] += pieces[torch.randint(len(pieces), (), generator=g)]
+    seqs = [(s + list(b'z' * T))[:T] for s in seqs]
+    want = run_checks(per_row_check(TOK, [EOS], stops, len(seqs), T, 'cpu'), seqs)
+    assert want[:len(by_hand)] == [n for _, n in by_hand]
+    assert len(set(want[len(by_hand):])) > 5, want  # the random rows stop at many steps, some never
+    assert run_checks(engine.stop_check(TOK, [EOS], stops, len(seqs), T, 'cpu'), seqs) == want
+
+
+@pytest.mark.parametrize('family,seed', [('scratch', 3), ('qwen2', 3)])
+def test_generate_stops_as_the_per_row_check(family, seed, monkeypatch):
+    """generate with stop_check stops the rows generate with per_row_check stops, at the same steps, with the same
+    tokens and log-probs, as rows leave the batch at different steps (each leaving shifts the random numbers of the
+    rest). stop strings: '</answer>' and two ascii characters of a free run (two tokens, the second of which also
+    comes where it completes nothing); and eos. the tiny model's bytes from 0x80 are flagged and decoded too"""
+    m = tiny(family)
+    kw = dict(temperature=1.0, n_samples=8, max_new_tokens=16, seed=seed)
+    free = [TOK.decode(r) for r in gen(m, eos_ids=[], **kw)['ids'].tolist()]
+    two = next(t[i:i + 2] for t in free for i in range(len(t) - 1) if t[i:i + 2].isalnum() and t[i:i + 2].isascii())
+    out = gen(m, eos_ids=[EOS], stop_strings=['</answer>', two], **kw)
+    monkeypatch.setattr(engine, 'stop_check', per_row_check)
+    ref = gen(m, eos_ids=[EOS], stop_strings=['</answer>', two], **kw)
+    assert all(torch.equal(out[k], ref[k]) for k in ('ids', 'mask', 'logprobs', 'truncated'))
+    texts = [out['ids'][r, :n].tolist() for r, n in enumerate(lengths(out))]
+    ends = [next((s for s in ('</answer>', two, '<|endoftext|>') if TOK.decode(x).endswith(s)), None) for x in texts]
+    assert two in ends and len(set(ends)) >= 3, (ends, two)  # rows stop on the two tokens, and on others
+    assert any(x[-1] != ord(two[-1]) and ord(two[-1]) in x for x in texts)  # its last character, completing nothing
 
 
 def test_eos_kept_in_mask_and_truncation(model):
