@@ -252,6 +252,31 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+def micro_batches(sizes: list[tuple[int, int]], rows: int, tokens: int = 0, at_least: int = 1) -> list[list[int]]:
+    """the sequences' indices in each micro-batch. sizes: (prompt, completion) lengths; collate_rl pads a micro-batch to
+    its longest prompt plus its longest completion. tokens 0: data order, `rows` at a time. tokens > 0: longest first,
+    each micro-batch at most `rows` rows and, padded, at most `tokens` tokens (a longer sequence goes alone). then the
+    micro-batch with the most rows is halved until there are at_least (every rank must run as many: fsdp2's
+    collectives run per micro-batch)."""
+    if tokens <= 0:
+        out = [list(range(s, min(s + rows, len(sizes)))) for s in range(0, len(sizes), rows)]
+    else:
+        out = []
+        for i in sorted(range(len(sizes)), key=lambda i: -sum(sizes[i])):
+            mb = out[-1] if out else []
+            P, C = max([sizes[j][0] for j in mb + [i]]), max([sizes[j][1] for j in mb + [i]])
+            if mb and len(mb) < rows and (len(mb) + 1) * (P + C) <= tokens:
+                mb.append(i)
+            else:
+                out.append([i])
+    while len(out) < at_least:
+        k = max(range(len(out)), key=lambda j: len(out[j]))
+        if len(out[k]) < 2:
+            raise ValueError(f"{len(sizes)} sequences cannot fill {at_least} micro-batches")
+        out[k:k + 1] = [out[k][:len(out[k]) // 2], out[k][len(out[k]) // 2:]]
+    return out
+
+
 def collate_rl(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """left-padded prompts + right-padded completions -> ids (N, P+C), attn (N, P+C), completion mask (N, C)."""
     P, C = max(map(len, prompts)), max(max(map(len, completions)), 1)

@@ -46,7 +46,8 @@ from torch.utils.checkpoint import checkpoint
 import rewards
 from checkpoint import is_checkpoint, load_checkpoint, load_checkpoint_model, load_pretrained, local, save_checkpoint
 from configurator import configure
-from data import Tokenizer, collate_rl, collate_sft, format_prompt, load_rows, pad_rows, step_indices, tokenize_sft
+from data import (Tokenizer, collate_rl, collate_sft, format_prompt, load_rows, micro_batches, pad_rows, step_indices,
+                  tokenize_sft)
 from engine import KVCache, generate
 
 # -----------------------------------------------------------------------------
@@ -93,6 +94,8 @@ grad_clip = 1.0  # 0 disables
 max_skips = 3  # a step whose loss or gradient norm is not finite is skipped; more in a row than this stop the run
 batch_size = 64  # global per step, whatever the world size: sft examples | rl prompts (x group_size samples)
 micro_batch_size = 4  # sequences per forward/backward on each rank
+micro_batch_tokens = 0  # rl update: > 0 groups sequences by length, longest first, into micro-batches of at most this
+# many padded tokens (and micro_batch_size rows): less padding, the same gradient; 0: micro_batch_size rows in data order
 grad_sync = 'micro'  # fsdp2: 'micro' reduce-scatters every micro-batch's gradients (each rank holds its 1/world shard);
 # 'step' reduces once per step, one collective instead of n_micro, but each rank accumulates full fp32 gradients
 master_dtype = 'fp32'  # 'fp32' | 'bf16': fp32 master weights apply 1e-6-sized updates; bf16 loses them
@@ -582,6 +585,7 @@ def validate(c: dict, world: int):
     need(c['arith_task'] in ('chain', 'column'), f"arith_task = {c['arith_task']!r}, expected 'chain' or 'column'")
     need(c['arith_terms'] >= 2 and c['arith_digits'] >= 1,
          f"arith_terms = {c['arith_terms']}, arith_digits = {c['arith_digits']}, expected >= 2 and >= 1")
+    need(c['micro_batch_tokens'] >= 0, f"micro_batch_tokens = {c['micro_batch_tokens']}, expected >= 0 (0: off)")
     need(c['lr_decay_iters'] >= c['warmup_iters'] >= 0,
          f"lr_decay_iters ({c['lr_decay_iters']}) must be >= warmup_iters ({c['warmup_iters']}) >= 0")
     need(c['device'] in ('cpu', 'cuda') or c['device'].startswith('cuda:'), f"device = {c['device']!r}, expected 'cpu' or 'cuda'")
@@ -882,11 +886,17 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
     with phase('advantage_computation'):
         adv = compute_advantages(torch.tensor([x for g in groups for x in g['rewards']]), r.group_size, mode=r.mode)
     m['t_adv'], t2 = time.time() - t2, time.time()
+    sizes = [(len(p), len(c)) for p, c in zip(seq_p, seq_c)]
+    cut = micro_batches(sizes, mb_size, r.micro_batch_tokens)
+    if r.ddp and r.micro_batch_tokens:  # as many micro-batches on every rank: fsdp2's collectives run per micro-batch
+        n = torch.tensor(len(cut), device=dev)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        cut = micro_batches(sizes, mb_size, r.micro_batch_tokens, at_least=int(n))
     micro = []
-    for s in range(0, len(seq_c), mb_size):
-        ids, attn, cm = collate_rl(seq_p[s:s + mb_size], seq_c[s:s + mb_size], r.pad_id)
-        eng = pad_rows(seq_lp[s:s + mb_size], cm.shape[1]).to(dev)  # the sampler's log-probs of its own tokens
-        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[s:s + mb_size].to(dev), eng if r.overlap else None, eng])
+    for idx in cut:
+        ids, attn, cm = collate_rl([seq_p[i] for i in idx], [seq_c[i] for i in idx], r.pad_id)
+        eng = pad_rows([seq_lp[i] for i in idx], cm.shape[1]).to(dev)  # the sampler's log-probs of its own tokens
+        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[idx].to(dev), eng if r.overlap else None, eng])
     n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=dev)
     n_seq, n_tok = all_sum(r, n_local).tolist()  # host sync: the step-wide denominators, once
     norm = loss_norm(r.mode, n_seq, n_tok, r.max_new_tokens)
@@ -934,6 +944,7 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
     for key, v in st_sum.items():
         m[key] = all_sum(r, v) / n_tok
     m['tokens'] = all_sum(r, sum(mb[1].sum() for mb in micro).to(dev))
+    m['pad_ratio'] = all_sum(r, torch.tensor(float(sum(mb[0].numel() for mb in micro)), device=dev)) / m['tokens']
     m['entropy'] = all_sum(r, ent_sum) / n_tok
     m['mismatch_mean'] = all_sum(r, gap_sum) / n_tok  # mean and max |log pi_trainer - log pi_engine| of sampled tokens
     if r.ddp:

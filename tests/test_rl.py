@@ -516,6 +516,29 @@ def test_the_train_infer_gap_is_logged_and_tis_corrects_it(sft_ckpt):
     assert capped['loss'] == pytest.approx(0.5 * fp32['loss'], rel=1e-5)
 
 
+def test_micro_batches_by_hand():
+    sizes = [(3, 1), (3, 5), (2, 2), (4, 4), (1, 1)]  # (prompt, completion): padded 4, 8, 4, 8, 2 alone
+    assert data.micro_batches(sizes, 2) == [[0, 1], [2, 3], [4]]  # no budget: data order, 2 rows at a time
+    # longest first: [1] (4+5 with 3 would pad to 2 x 9 = 18 > 16); [3, 0] pads to 2 x (4+4) = 16; [2, 4] to 8
+    assert data.micro_batches(sizes, 4, 16) == [[1], [3, 0], [2, 4]]
+    assert data.micro_batches(sizes, 4, 16, at_least=4) == [[1], [3], [0], [2, 4]]  # the fullest one halved
+    assert data.micro_batches(sizes, 4, 1) == [[1], [3], [0], [2], [4]]  # each over the budget alone: one row each
+    with pytest.raises(ValueError, match='cannot fill 6'):
+        data.micro_batches(sizes, 4, 1, at_least=6)
+
+
+@pytest.mark.parametrize('mode', ['grpo', 'dapo'])
+def test_a_token_budget_gives_the_same_step_with_less_padding(sft_ckpt, mode):
+    """sequences grouped by length into micro-batches of at most 64 padded tokens: every denominator is step-wide,
+    so the loss, the gradient's norm and each statistic are those of data-order micro-batches of 4."""
+    args = RL + [f'--mode={mode}', '--max_iters=1', f'--init_from={sft_ckpt}', '--micro_batch_size=4']
+    (plain,), _ = bench.run_steps(args, skip=0)
+    (grouped,), _ = bench.run_steps(args + ['--micro_batch_tokens=64'], skip=0)
+    for k in ('loss', 'grad_norm', 'entropy', 'mismatch_mean', 'tokens', 'reward_mean'):
+        assert grouped[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-7), (k, plain[k], grouped[k])
+    assert 1 <= grouped['pad_ratio'] < plain['pad_ratio'], (plain['pad_ratio'], grouped['pad_ratio'])
+
+
 def test_unmasked_ends_by_hand():
     eos, stops = [9], ['</answer>']
     comps = [[5, 9], [5, 6], [5, 6], [5, 6], []]
@@ -655,8 +678,9 @@ def test_grpo_kl_is_zero_at_step_one(nproc, tmp_path):
 
 @pytest.mark.slow
 def test_two_rank_dapo_dynamic_sampling(sft_ckpt, tmp_path):
-    run(['train.py'] + RL + ['--mode=dapo', f'--out_dir={tmp_path}', f'--init_from={sft_ckpt}'],
-        torchrun=True, timeout=240)  # a hang is a timeout, which fails the test
+    # micro-batches by a token budget: each rank groups its own sequences, so their counts differ unless equalized
+    run(['train.py'] + RL + ['--mode=dapo', f'--out_dir={tmp_path}', f'--init_from={sft_ckpt}', '--micro_batch_size=4',
+         '--micro_batch_tokens=48'], torchrun=True, timeout=240)  # a hang is a timeout, which fails the test
     ms = metrics(tmp_path)
     assert [m['step'] for m in ms] == [1, 2]
     for m in ms:
