@@ -30,10 +30,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: each file's own order is kept
 
 
-def in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """train.main(args) in this process, as `python train.py args` runs from the repo root: its stdout, stderr and
-    exit status (a SystemExit's message goes to stderr with status 1, as python prints it; an error, its traceback).
-    no interpreter to start and no torch or transformers to import: seconds saved per run."""
+def in_process(args: list[str], main=None) -> subprocess.CompletedProcess:
+    """train.main(args) in this process (or main(args), e.g. eval.main), as `python train.py args` runs from the repo
+    root: its stdout, stderr and exit status (a SystemExit's message goes to stderr with status 1, as python prints
+    it; an error, its traceback). no interpreter to start and no torch or transformers to import: seconds saved."""
     import contextlib
     import io
     import traceback
@@ -43,7 +43,7 @@ def in_process(args: list[str]) -> subprocess.CompletedProcess:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                train.main(args, signals=False)  # a signal is pytest's, not the run's
+                train.main(args, signals=False) if main is None else main(args)  # a signal is pytest's
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
             except Exception:

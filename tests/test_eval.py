@@ -24,10 +24,11 @@ GEN = ['--limit', '6', '--max_new_tokens', '24', '--n_samples', '3', '--k', '1,2
 
 
 def run_eval(args, nproc=1, check=True):
-    launch = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                  f'--nproc_per_node={nproc}']
-    p = subprocess.run(launch + ['eval.py'] + [str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    """eval.py args: one process runs in this one (eval.main), more under torchrun."""
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    p = in_process([str(a) for a in args], main=ev.main) if nproc == 1 else \
+        subprocess.run(launch + ['eval.py'] + [str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
     if check and p.returncode != 0:
         pytest.fail(f"eval.py {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p

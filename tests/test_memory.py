@@ -19,6 +19,7 @@ import checkpoint
 import data
 import engine
 import train
+from test_bench import bench_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(L=4, h=128, H=4, Hkv=2, D=32, ff=512, V=1024, n_tok=1024, tied=True, bias=True)
@@ -322,21 +323,18 @@ def test_largest_micro_batch_is_the_fit_boundary():
 
 def test_memory_cli_prints_the_plan(tmp_path):
     # bench's own options after the config, among train.py's overrides
-    p = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/dapo.py', '--world', '2', '--micro_batch_size=2',
-                        '--gpu_gb=24'], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
+    out = bench_main(['--memory', 'config/dapo.py', '--world', '2', '--micro_batch_size=2', '--gpu_gb=24'])
     cfg = cfg_of()
     import configurator
     configurator.configure(cfg, ['config/dapo.py', '--micro_batch_size=2'])
     plan = bench.plan_memory(cfg, 2, qwen3b(), 24 * 2 ** 30)
-    row = re.search(r'^  rl update\s+([\d.]+)\s+([\d.]+)', p.stdout, re.M)
+    row = re.search(r'^  rl update\s+([\d.]+)\s+([\d.]+)', out, re.M)
     assert abs(float(row.group(2)) - plan['peaks']['rl update'] / 2 ** 30) < 0.01
-    assert ('fits in 24 GiB' in p.stdout) == plan['fits']
+    assert ('fits in 24 GiB' in out) == plan['fits']
     # the seed's table is the sft step's: at micro_batch 1 the planner's seed-scheme rows fall in the seed's ranges
-    p = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/sft.py'], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    seed = {k.strip(): float(a) for k, a in re.findall(r'^    (.+?)\s+~?[\d-]+\s+([\d.]+)\s+[\d.]+$', p.stdout, re.M)}
-    assert [round(seed[k]) for k in ('weights', 'gradients', 'adam moments')] == [3, 3, 12], p.stdout
+    out = bench_main(['--memory', 'config/sft.py'])
+    seed = {k.strip(): float(a) for k, a in re.findall(r'^    (.+?)\s+~?[\d-]+\s+([\d.]+)\s+[\d.]+$', out, re.M)}
+    assert [round(seed[k]) for k in ('weights', 'gradients', 'adam moments')] == [3, 3, 12], out
     assert 2 <= seed['activations (checkpointed, micro_batch 1)'] <= 3 and 2 <= seed['cuda overhead + rollout buffers'] <= 3
     assert 22 <= seed['total'] <= 24
     bad = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/dapo.py', '--micro_batch_sise=2'], cwd=ROOT,
