@@ -546,6 +546,31 @@ def bench_rl(train_args: list[str]) -> dict:
     return r | {'steps': len(rows)}
 
 
+def bench_update(train_args: list[str], repeats: int, spread: str) -> dict:
+    """the rl update's tokens/s (tokens that count: prompts and completions) with micro-batches cut in data order against
+    the same sequences grouped by length under micro_batch_tokens (default: micro_batch_size x the mean padded row), in
+    this process, on the same weights (lr 0) and threads. the sequences: one rollout of the run's, or with spread
+    'lo-hi' G completions a prompt of uniform random lengths in lo..hi (r1's run ~100-1,000) after 64-token prompts."""
+    def measure(r):
+        groups = train.rollout(r, 0, 0, r.model)[0]
+        if spread:
+            lo, hi = map(int, spread.split('-'))
+            g, V, G = torch.Generator().manual_seed(0), r.tok.n_vocab, r.group_size
+            lens = torch.randint(lo, hi + 1, (r.batch_size // r.world, G), generator=g).tolist()
+            groups = [{'prompt': torch.randint(V, (64,), generator=g).tolist(), 'comps': [torch.randint(
+                V, (n,), generator=g).tolist() for n in ns], 'rewards': torch.rand(G, generator=g).tolist(),
+                'lps': [[0.0] * n for n in ns]} for ns in lens]
+        rows = [len(x['prompt']) + len(c) for x in groups for c in x['comps']]
+        budget = r.micro_batch_tokens or r.micro_batch_size * round(statistics.fmean(rows))
+        out = {'budget': budget, 'rows': len(rows), 'len_min': min(rows), 'len_max': max(rows)}
+        for name, tokens in (('plain', 0), ('grouped', budget)):
+            r.micro_batch_tokens, m = tokens, {}
+            t = timed(lambda: train.update(r, groups, m, 0), repeats, r.device)
+            out[name] = {'tok_s': float(m['tokens']) / t, 'pad_ratio': float(m['pad_ratio']), 'ms': t * 1000}
+        return out
+    return run_steps(train_args + ['--max_iters=1', '--learning_rate=0', '--min_lr=0'], read=measure, skip=0)[1]
+
+
 def bench_overlap(train_args: list[str], repeats: int, card: str) -> dict:
     """train.py's rl loop, sequential then overlapped, alternating, in this process: per-phase medians over all steps
     but each run's first. decode tok/s: the rollout's tokens (len_mean x rows) / t_rollout, over the steps of one
@@ -603,12 +628,15 @@ def main(argv: list[str]):
                     help="train.py config and overrides (last on the line): the per-gpu memory plan")
     ap.add_argument('--rl', nargs=argparse.REMAINDER, default=None,
                     help="train.py arguments (last on the line): median time per phase of its rl steps")
+    ap.add_argument('--spread', default='', help="--update: completion lengths lo-hi (e.g. 100-1000), else a rollout's")
+    ap.add_argument('--update', nargs=argparse.REMAINDER, default=None,
+                    help="train.py arguments (last on the line): the rl update's tokens/s, data order vs by length")
     ap.add_argument('--overlap', nargs=argparse.REMAINDER, default=None,
                     help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
     args = ap.parse_args(argv)
     # bench's own options may also follow the train.py arguments: --overlap config/demo_rl.py --repeats 2
     own = {'memory': (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int)),
-           'rl': (), 'overlap': (('repeats', int), ('card', str))}
+           'rl': (), 'overlap': (('repeats', int), ('card', str)), 'update': (('repeats', int), ('spread', str))}
     for name, keys in own.items():
         if getattr(args, name) is not None and keys:
             mp = argparse.ArgumentParser(prog=f'bench.py --{name}', allow_abbrev=False)
@@ -624,6 +652,14 @@ def main(argv: list[str]):
         print(f"rl step ({' '.join(args.rl)}), mean of {r['steps']} steps: {r['step']:.0f} ms")
         for k in list(RL_PHASES) + ['other']:
             print(f"  {k:28s}{r[k]:9.1f} ms  {100 * r[k] / r['step']:5.1f}%")
+        return
+    if args.update is not None:
+        r = bench_update(args.update, args.repeats, args.spread)
+        print(f"rl update ({' '.join(args.update)}{', spread ' + args.spread if args.spread else ''}): {r['rows']} "
+              f"sequences of {r['len_min']}-{r['len_max']} tokens, best of {args.repeats}")
+        for name, what in (('plain', 'data order'), ('grouped', f"by length, micro_batch_tokens {r['budget']}")):
+            print(f"  {what:44s}{r[name]['tok_s']:9.0f} tok/s  {r[name]['ms']:8.0f} ms  padding x{r[name]['pad_ratio']:.2f}")
+        print(f"  ratio {r['grouped']['tok_s'] / r['plain']['tok_s']:.2f}x")
         return
     if args.overlap is not None:
         r = bench_overlap(args.overlap, args.repeats, args.card)

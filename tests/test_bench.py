@@ -88,3 +88,14 @@ def test_overlap_prints_decode_tok_s_and_bandwidth_share():
                       r'memory-bandwidth limit', p)
         assert m, p  # a number: not nan, so every step's rollout was counted
         assert 0 <= float(m[2]) < 100  # a 1M model on the cpu: a share that rounds to 0.0%
+
+
+def test_update_prints_both_cuts_and_grouping_pads_less():
+    """bench.py --update: the same sequences (random lengths 20-60 after 64-token prompts) through the update cut in
+    data order and by a token budget; the budget's padding is lower, each line names its micro-batches"""
+    out = bench_main(['--repeats', '1', '--update', 'config/tiny.py', '--mode=dr_grpo', '--batch_size=2', '--group_size=4',
+                      '--micro_batch_size=2', '--max_new_tokens=8', '--spread', '20-60'])
+    assert '8 sequences of' in out, out
+    pad = {k: float(v) for k, v in re.findall(r'^  (data order|by length).*padding x([\d.]+)$', out, re.M)}
+    assert set(pad) == {'data order', 'by length'} and 1 <= pad['by length'] < pad['data order'], out
+    assert re.search(r'micro_batch_tokens \d+ ', out) and re.search(r'^  ratio [\d.]+x$', out, re.M), out

@@ -176,8 +176,18 @@ def test_command_parses(doc, line, argv):
     if script == 'train.py':
         check_train_args(args, where)
     elif script == 'bench.py':
-        # the docs write bench's own options first; --memory / --rl / --overlap take a train.py config and overrides
-        rest = check_options(script, args, where)
+        # --memory / --rl / --update / --overlap take a train.py config and overrides, among which bench's own options
+        # may follow (--repeats 2): those bench has and train.py does not
+        rest, own, keys, i = check_options(script, args, where), [], {f'--{k}' for k in train.config_keys}, 0
+        bench_opts = options(script)
+        while i < len(rest):
+            name = rest[i].partition('=')[0]
+            if name in bench_opts and name not in keys:
+                n = 1 if '=' in rest[i] or bench_opts[name]['flag'] else 2
+                own, rest = own + rest[i:i + n], rest[:i] + rest[i + n:]
+            else:
+                i += 1
+        check_options(script, own, where)
         if rest:
             check_train_args(rest, where)
     elif script in ('eval.py', 'demo.py', 'plot.py'):
