@@ -583,11 +583,22 @@ def bench_overlap(train_args: list[str], repeats: int, card: str) -> dict:
         rows, ctx = r.batch_size // r.world * r.group_size, max(map(len, r.prompts)) + r.max_new_tokens
         return w, kv, rows, ctx, card_bw(r.cuda, card)
 
+    # the same cores on both sides: overlapped, each side runs max(1, threads // 2) intra-op threads, so on a cpu the
+    # sequential baseline gets both halves (with OMP_NUM_THREADS=1 it would otherwise run on one core against two)
+    threads, cfg = torch.get_num_threads(), {k: getattr(train, k) for k in train.config_keys}
+    with contextlib.redirect_stdout(io.StringIO()):
+        configurator.configure(cfg, train_args)
+    side = max(1, threads // 2)
+    seq_threads = threads if cfg['device'].startswith('cuda') else 2 * side
     steps = {False: [], True: []}
-    for _ in range(repeats):
-        for ov in (False, True):
-            rows, (w, kv, n, ctx, bw) = run_steps(train_args + [f'--overlap={ov}'], reads)
-            steps[ov] += rows
+    try:
+        for _ in range(repeats):
+            for ov in (False, True):
+                torch.set_num_threads(threads if ov else seq_threads)
+                rows, (w, kv, n, ctx, bw) = run_steps(train_args + [f'--overlap={ov}'], reads)
+                steps[ov] += rows
+    finally:
+        torch.set_num_threads(threads)
     one_round = lambda ov: [m for m in steps[ov] if m.get('gen_rounds', 1) == 1]
     tok_s = {ov: statistics.median([m['len_mean'] * n / m['t_rollout'] for m in one_round(ov)] or [float('nan')])
              for ov in (False, True)}
@@ -601,7 +612,7 @@ def bench_overlap(train_args: list[str], repeats: int, card: str) -> dict:
     return {'rollout_s': t_roll, 'update_s': t_upd, 'seq_step_s': t_seq, 'overlap_step_s': t_ovl,
             'overlap_wait_s': med(True, lambda m: 1000 * m['t_wait']), 'speedup': t_seq / t_ovl, 'cap': cap,
             'of_cap': t_seq / t_ovl / cap, 'steps': (len(steps[False]), len(steps[True])), 'decode_tok_s': tok_s,
-            'bw_share': share, 'rows': n}
+            'bw_share': share, 'rows': n, 'threads': (seq_threads, side)}
 
 
 def main(argv: list[str]):
@@ -667,7 +678,8 @@ def main(argv: list[str]):
               f"rollout {r['rollout_s'] * 1000:.0f} ms | update {r['update_s'] * 1000:.0f} ms | sequential "
               f"{r['seq_step_s'] * 1000:.0f} ms | overlapped {r['overlap_step_s'] * 1000:.0f} ms (waits "
               f"{r['overlap_wait_s'] * 1000:.0f} ms for the rollout) | speedup {r['speedup']:.2f}x | cap "
-              f"{r['cap']:.2f}x | {100 * r['of_cap']:.0f}% of the cap")
+              f"{r['cap']:.2f}x | {100 * r['of_cap']:.0f}% of the cap | intra-op threads: sequential {r['threads'][0]}, "
+              f"overlapped {r['threads'][1]} a side")
         for name, ov in (('sequential', False), ('overlapped', True)):
             print(f"  rollout decode, {name}: {r['decode_tok_s'][ov]:.0f} tok/s ({r['rows']} rows x len_mean / t_rollout)"
                   + (f" | {100 * r['bw_share'][ov]:.1f}% of the memory-bandwidth limit" if r['bw_share'] else ''))

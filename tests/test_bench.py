@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import bench
 from test_engine import FAMILIES, tiny
@@ -88,6 +89,9 @@ def test_overlap_prints_decode_tok_s_and_bandwidth_share():
                       r'memory-bandwidth limit', p)
         assert m, p  # a number: not nan, so every step's rollout was counted
         assert 0 <= float(m[2]) < 100  # a 1M model on the cpu: a share that rounds to 0.0%
+    # the same cores on both sides: half the threads a side overlapped (at least one), both halves sequential
+    side = max(1, torch.get_num_threads() // 2)
+    assert f'intra-op threads: sequential {2 * side}, overlapped {side} a side' in p, p
 
 
 def test_update_prints_both_cuts_and_grouping_pads_less():
