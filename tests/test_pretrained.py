@@ -76,19 +76,19 @@ def test_sft_steps_lower_the_loss_on_real_text(smollm):
 
 
 @pytest.mark.parametrize('mode', ['grpo', 'dr_grpo', 'dapo'])
-def test_two_rl_steps_on_the_real_model(smollm, tmp_path, mode):
+def test_an_rl_step_on_the_real_model(smollm, tmp_path, mode):
     """rl from a {question, answer} file with no reasoning, chat prompts, the tokenizer's own <|im_end|> as eos. 8 new
     tokens hold no answer, so every reward is 0: without dynamic sampling dapo still runs its update, as the others do."""
     data = tmp_path / 'qa.jsonl'
     data.write_text(''.join(json.dumps({'question': r['question'], 'answer': r['answer'].split('####')[-1].strip()})
                             + '\n' for r in map(json.loads, open(TRAIN))))
     p = in_process([f'--init_from={smollm}', f'--dataset={data}', f'--mode={mode}', '--prompt_template=chat',
-                    '--batch_size=1', '--group_size=2', '--micro_batch_size=2', '--max_new_tokens=8', '--max_iters=2',
+                    '--batch_size=1', '--group_size=2', '--micro_batch_size=2', '--max_new_tokens=8', '--max_iters=1',
                     '--max_gen_rounds=1', '--device=cpu', '--learning_rate=1e-6', '--activation_checkpointing=False',
                     f'--out_dir={tmp_path / "out"}', '--ckpt_interval=1000', '--dynamic_sampling=False'])
     assert p.returncode == 0, p.stderr[-3000:]
     m = [json.loads(line) for line in open(tmp_path / 'out' / 'metrics.jsonl')]
-    assert [r['step'] for r in m] == [1, 2] and all(math.isfinite(r['loss']) for r in m), m
+    assert [r['step'] for r in m] == [1] and all(math.isfinite(r['loss']) for r in m), m
     assert ('kl' in m[0]) == (mode == 'grpo') and 'data: 8 rl prompts' in p.stdout
 
 
@@ -166,11 +166,11 @@ def test_the_overlap_copy_computes_as_the_trainer(smollm):
     model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, tok).eval()
     eos = tok.token_id(tok.default_eos('chat'))
     prompts = [tok.encode_prompt(data.format_prompt(json.loads(line)['question'], 'chat', tok, 'You are a helpful '
-                                                     'assistant.')) for line in open(TEST)][:2]
+                                                     'assistant.')) for line in open(TEST)][:1]
 
     def rollout(policy):
         with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-            return engine.generate(policy, prompts, n_samples=2, max_new_tokens=12, temperature=1.0, top_p=1.0,
+            return engine.generate(policy, prompts, n_samples=2, max_new_tokens=8, temperature=1.0, top_p=1.0,
                                    eos_ids=[eos], stop_strings=['</answer>'], tok=tok, pad_id=eos,
                                    generator=torch.Generator().manual_seed(0))
     infer = train.inference_copy(model, 'cpu', bf16=False, amp=True)

@@ -112,7 +112,7 @@ def test_each_rank_holds_the_planned_gradient_bytes(recipe):
             (r, max(p['sharded_grad_bytes']), planned, p['n_params'])
 
 
-@pytest.mark.parametrize('config,extra', [('dapo', []), ('dr_grpo', ['--overlap=True']), ('grpo', [])])
+@pytest.mark.parametrize('config,extra', [('dapo', []), ('dr_grpo', []), ('grpo', ['--overlap=True'])])
 def test_rl_from_the_sft_checkpoint(recipe, config, extra):
     cwd = recipe['cwd']
     p = run(cwd, PROBE + [os.path.join(ROOT, 'config', f'{config}.py')] + RL + extra)
