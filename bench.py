@@ -548,7 +548,7 @@ def bench_rl(train_args: list[str]) -> dict:
 
 def bench_update(train_args: list[str], repeats: int, spread: str) -> dict:
     """the rl update's tokens/s (tokens that count: prompts and completions) with micro-batches cut in data order against
-    the same sequences grouped by length under micro_batch_tokens (default: micro_batch_size x the mean padded row), in
+    the same sequences grouped by length under micro_batch_tokens (default: micro_batch_size x the mean row), in
     this process, on the same weights (lr 0) and threads. the sequences: one rollout of the run's, or with spread
     'lo-hi' G completions a prompt of uniform random lengths in lo..hi (r1's run ~100-1,000) after 64-token prompts."""
     def measure(r):

@@ -616,7 +616,10 @@ def validate(c: dict, world: int):
         need(0 < c['top_p'] <= 1, f"top_p = {c['top_p']}, expected in (0, 1]")
         need(0 <= c['eps_low'] < 1 and c['eps_high'] >= 0, f"eps_low ({c['eps_low']}) must be in [0, 1), eps_high ({c['eps_high']}) >= 0")
         need(c['beta'] >= 0, f"beta = {c['beta']}, expected >= 0")
-        need(c['tis_cap'] >= 0, f"tis_cap = {c['tis_cap']}, expected >= 0 (0 turns it off)")
+        need(c['tis_cap'] == 0 or c['tis_cap'] >= 1, f"tis_cap = {c['tis_cap']}, expected 0 (off) or >= 1 (a cap "
+             f"below 1 weighs every token by less than 1: a learning-rate scale, not a correction)")
+        need(not (c['tis_cap'] and c['overlap']), "tis_cap with overlap = True: the old log-probs are the engine's, so "
+             "the weight is always 1 (the clipped ratio corrects the gap)")
         need(c['overlong'] != 'soft' or 0 < c['overlong_buffer'] <= c['max_new_tokens'],
              f"overlong_buffer ({c['overlong_buffer']}) must be in 1..max_new_tokens ({c['max_new_tokens']}) with overlong='soft'")
 
@@ -891,7 +894,7 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
     if r.ddp and r.micro_batch_tokens:  # as many micro-batches on every rank: fsdp2's collectives run per micro-batch
         n = torch.tensor(len(cut), device=dev)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        cut = micro_batches(sizes, mb_size, r.micro_batch_tokens, at_least=int(n))
+        cut = micro_batches(sizes, mb_size, r.micro_batch_tokens, at_least=int(n))  # host sync
     micro = []
     for idx in cut:
         ids, attn, cm = collate_rl([seq_p[i] for i in idx], [seq_c[i] for i in idx], r.pad_id)
