@@ -1,5 +1,5 @@
 """bench.py: rollout tokens/s against model.generate, the shares of a decode step that sampling and the stop check take
-(the check against the per-row check it replaced), training-step throughput, MFU and peak memory, time per rl phase,
+(against a per-row check of every row's window), training-step throughput, MFU and peak memory, time per rl phase,
 rl steps sequential vs overlapped (and their decode tokens/s), and a memory planner (will a config fit, and what would).
 
     python bench.py                                   # tiny scratch model on CPU
@@ -398,7 +398,7 @@ def bench_rollout(model, tok, args) -> dict:
 
 def bench_stop_check(tok, rows: int, steps: int, device: str, repeats: int) -> dict:
     """the host bookkeeping of a decode step, eos and the stop string '</answer>': engine.stop_check (a table lookup on
-    the device, one read back, windows decoded for the rows it flags) against the per-row check it replaced (every
+    the device, one read back, windows decoded for the rows it flags) against the simple per-row check (every
     token read back, every row's window decoded), on the same rows: r1 completions whose reasoning runs i / rows of the
     steps in row i (the last ones truncated), each row leaving at its stop as in generate. both must stop the same rows
     at the same steps; the token table is built once per tokenizer and stop strings (cached), timed apart."""
