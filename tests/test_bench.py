@@ -1,30 +1,21 @@
 """bench.py's train-step flops, the bytes a decode step reads and their share of the bandwidth limit, its rl phase
 breakdown, and the fields its rollout and overlap benches print (the memory planner: tests/test_memory.py). timings
 are machine-dependent: no test passes or fails on one."""
-import contextlib
-import io
-import os
 import re
 
 import pytest
 import torch
 
 import bench
+from conftest import in_process
 from test_engine import FAMILIES, tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench_main(args: list[str]) -> str:
     """what `python bench.py args` prints from the repo root, run in this process."""
-    out, cwd = io.StringIO(), os.getcwd()
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(out):
-            bench.main(args)
-    finally:
-        os.chdir(cwd)
-    return out.getvalue()
+    p = in_process(args, main=bench.main)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
 
 
 def test_model_flops_by_hand():
