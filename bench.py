@@ -447,10 +447,11 @@ def model_flops(n_params: int, n_layer: int, hidden: int, seq_len: int) -> int:
     return 6 * n_params + 6 * n_layer * hidden * seq_len
 
 
-def bench_train(model, tok, args) -> dict:
+def bench_train(model, tok, args, amp: bool) -> dict:
     """train.py's step as a run does it: --accum micro-batches of micro_batch x seq_len (forward, backward), then one
-    optimizer step; on cuda fp32 master weights under bf16 autocast as on one gpu. mfu counts the model's flops
-    (6 N + attention, per token); hfu adds the forward that activation checkpointing recomputes."""
+    optimizer step; on cuda fp32 master weights under bf16 autocast as on one gpu, on a cpu under it if `amp`. mfu
+    counts the model's flops (6 N + attention, per token); hfu adds the forward that activation checkpointing
+    recomputes."""
     cuda = args.device.startswith('cuda')
     model.train()
     if cuda:
@@ -461,7 +462,7 @@ def bench_train(model, tok, args) -> dict:
     B, T = args.micro_batch, args.seq_len
     ids = torch.randint(0, min(tok.n_vocab, 256), (B, T), device=args.device)
     attn = torch.ones_like(ids)
-    autocast = torch.autocast('cuda', torch.bfloat16) if cuda else torch.autocast('cpu', enabled=False)
+    autocast = torch.autocast(args.device.split(':')[0], torch.bfloat16, enabled=cuda or amp)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = {}
 
@@ -537,19 +538,21 @@ RL_PHASES = {'rollout': ('t_rollout',), 'reward': ('t_reward',), 'advantages': (
 
 def bench_rl(train_args: list[str]) -> dict:
     """mean ms per phase of train.py's rl steps (metrics.jsonl: each phase waits for its own gpu work) and of the whole
-    step (means, so the phases add up to it); 'other' is what no phase covers (statistics' all-reduces, logging)"""
+    step (means, so the phases add up to it); 'other' is what no phase covers (statistics' all-reduces, logging); and
+    the train/infer gap over the steps: the mean of mismatch_mean, the largest mismatch_max"""
     rows = [m for m in run_steps(train_args)[0] if 't_update' in m]  # a dapo step without signal skips its update
     mean = lambda f: statistics.fmean(map(f, rows)) if rows else float('nan')
     r = {k: mean(lambda m: 1000 * sum(m[x] for x in keys)) for k, keys in RL_PHASES.items()}
     r['step'] = mean(lambda m: m['time_ms'])
     r['other'] = r['step'] - sum(r[k] for k in RL_PHASES)
-    return r | {'steps': len(rows)}
+    gap = mean(lambda m: m['mismatch_mean']), max((m['mismatch_max'] for m in rows), default=float('nan'))
+    return r | {'steps': len(rows), 'gap': gap}
 
 
 def bench_update(train_args: list[str], repeats: int, spread: str) -> dict:
     """the rl update's tokens/s (tokens that count: prompts and completions) with micro-batches cut in data order against
-    the same sequences grouped by length under micro_batch_tokens (default: micro_batch_size x the mean row), in
-    this process, on the same weights (lr 0) and threads. the sequences: one rollout of the run's, or with spread
+    the same sequences grouped by length under micro_batch_tokens (default: micro_batch_size x the mean row), padded
+    and packed end to end, in this process, on the same weights (lr 0) and threads. the sequences: one rollout of the run's, or with spread
     'lo-hi' G completions a prompt of uniform random lengths in lo..hi (r1's run ~100-1,000) after 64-token prompts."""
     def measure(r):
         groups = train.rollout(r, 0, 0, r.model)[0]
@@ -563,8 +566,8 @@ def bench_update(train_args: list[str], repeats: int, spread: str) -> dict:
         rows = [len(x['prompt']) + len(c) for x in groups for c in x['comps']]
         budget = r.micro_batch_tokens or r.micro_batch_size * round(statistics.fmean(rows))
         out = {'budget': budget, 'rows': len(rows), 'len_min': min(rows), 'len_max': max(rows)}
-        for name, tokens in (('plain', 0), ('grouped', budget)):
-            r.micro_batch_tokens, m = tokens, {}
+        for name, tokens, pack in (('plain', 0, False), ('grouped', budget, False), ('packed', budget, True)):
+            r.micro_batch_tokens, r.pack, m = tokens, pack, {}
             t = timed(lambda: train.update(r, groups, m, 0), repeats, r.device)
             out[name] = {'tok_s': float(m['tokens']) / t, 'pad_ratio': float(m['pad_ratio']), 'ms': t * 1000}
         return out
@@ -663,14 +666,17 @@ def main(argv: list[str]):
         print(f"rl step ({' '.join(args.rl)}), mean of {r['steps']} steps: {r['step']:.0f} ms")
         for k in list(RL_PHASES) + ['other']:
             print(f"  {k:28s}{r[k]:9.1f} ms  {100 * r[k] / r['step']:5.1f}%")
+        print(f"  train/infer gap |log pi_trainer - log pi_engine|: mean {r['gap'][0]:.2e}, max {r['gap'][1]:.2e}")
         return
     if args.update is not None:
         r = bench_update(args.update, args.repeats, args.spread)
         print(f"rl update ({' '.join(args.update)}{', spread ' + args.spread if args.spread else ''}): {r['rows']} "
               f"sequences of {r['len_min']}-{r['len_max']} tokens, best of {args.repeats}")
-        for name, what in (('plain', 'data order'), ('grouped', f"by length, micro_batch_tokens {r['budget']}")):
+        for name, what in (('plain', 'data order'), ('grouped', f"by length, micro_batch_tokens {r['budget']}"),
+                           ('packed', 'by length, packed end to end (pack = True)')):
             print(f"  {what:44s}{r[name]['tok_s']:9.0f} tok/s  {r[name]['ms']:8.0f} ms  padding x{r[name]['pad_ratio']:.2f}")
-        print(f"  ratio {r['grouped']['tok_s'] / r['plain']['tok_s']:.2f}x")
+        print(f"  ratio to data order: grouped {r['grouped']['tok_s'] / r['plain']['tok_s']:.2f}x, packed "
+              f"{r['packed']['tok_s'] / r['plain']['tok_s']:.2f}x")
         return
     if args.overlap is not None:
         r = bench_overlap(args.overlap, args.repeats, args.card)
@@ -687,7 +693,8 @@ def main(argv: list[str]):
     args.preset, args.prompt_len = args.preset or 'tiny', args.prompt_len or 64
     model, tok = build(args.preset, args.device, args.ckpt)
     dev = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'cpu x{torch.get_num_threads()} threads'
-    print(f"bench: preset {args.preset} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {dev}")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"bench: {args.ckpt or 'preset ' + args.preset} | {n / 1e6:.1f}M params | {dev}")
     if args.skip != 'rollout':
         r = bench_rollout(model, tok, args)
         print(f"rollout ({args.prompts} prompts x {args.group_size} samples, <= {args.new_tokens} new tokens): "
@@ -703,12 +710,18 @@ def main(argv: list[str]):
               f"{100 * r['check_share']:.1f}% of the step (per-row {100 * r['per_row_share']:.1f}%) | token table "
               f"{r['table_ms']:.0f} ms, once per tokenizer")
     if args.skip != 'train':
-        r = bench_train(model, tok, args)
+        r = bench_train(model, tok, args, amp=False)
         print(f"train step ({args.accum} micro-batches of {args.micro_batch} x {args.seq_len} tokens, then the optimizer; "
               f"checkpointing {'on' if args.ckpt_layers else 'off'}): {r['train_tok_s']:.0f} tok/s | {r['step_ms']:.0f} ms "
               f"(micro-batches {r['micro_batches_ms']:.0f}, optimizer {r['optimizer_ms']:.0f})"
               + (f" | mfu {100 * r['mfu']:.1f}%, hfu {100 * r['hfu']:.1f}%" if 'mfu' in r else '')
               + (f" | peak {r['peak_mem_gb']:.1f} GiB" if 'peak_mem_gb' in r else ''))
+        if not args.device.startswith('cuda'):  # the same step under bf16 autocast, against the fp32 one above
+            a = bench_train(model, tok, args, amp=True)
+            units, pick = train.cpu_bf16_units(), train.use_autocast('auto', False, False, n, train.cpu_bf16_units())
+            print(f"  under cpu bf16 autocast: {a['train_tok_s']:.0f} tok/s | {a['step_ms']:.0f} ms | "
+                  f"{r['step_ms'] / a['step_ms']:.2f}x fp32 | bf16 matrix units (amx, avx512-bf16): "
+                  f"{'yes' if units else 'no'} | autocast = 'auto' picks {'bf16' if pick else 'fp32'}")
 
 
 if __name__ == '__main__':

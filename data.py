@@ -252,20 +252,24 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def micro_batches(sizes: list[tuple[int, int]], rows: int, tokens: int = 0, at_least: int = 1) -> list[list[int]]:
+def micro_batches(sizes: list[tuple[int, int]], rows: int, tokens: int = 0, at_least: int = 1,
+                  packed: bool = False) -> list[list[int]]:
     """the sequences' indices in each micro-batch. sizes: (prompt, completion) lengths; collate_rl pads a micro-batch to
-    its longest prompt plus its longest completion. tokens 0: data order, `rows` at a time. tokens > 0: longest first,
-    each micro-batch at most `rows` rows and, padded, at most `tokens` tokens (a longer sequence goes alone). then the
-    micro-batch with the most rows is halved until there are at_least (every rank must run as many: fsdp2's
-    collectives run per micro-batch)."""
+    its longest prompt plus its longest completion, collate_packed lays it end to end (its sum). tokens 0: data order,
+    `rows` at a time. tokens > 0: longest first, each micro-batch at most `rows` rows and at most `tokens` tokens,
+    padded or packed (a longer sequence goes alone). then the micro-batch with the most rows is halved until there are
+    at_least (every rank must run as many: fsdp2's collectives run per micro-batch)."""
     if tokens <= 0:
         out = [list(range(s, min(s + rows, len(sizes)))) for s in range(0, len(sizes), rows)]
     else:
         out = []
         for i in sorted(range(len(sizes)), key=lambda i: -sum(sizes[i])):
             mb = out[-1] if out else []
-            P, C = max([sizes[j][0] for j in mb + [i]]), max([sizes[j][1] for j in mb + [i]])
-            if mb and len(mb) < rows and (len(mb) + 1) * (P + C) <= tokens:
+            if packed:
+                cost = sum(sum(sizes[j]) for j in mb + [i])
+            else:
+                cost = (len(mb) + 1) * (max(sizes[j][0] for j in mb + [i]) + max(sizes[j][1] for j in mb + [i]))
+            if mb and len(mb) < rows and cost <= tokens:
                 mb.append(i)
             else:
                 out.append([i])
@@ -275,6 +279,24 @@ def micro_batches(sizes: list[tuple[int, int]], rows: int, tokens: int = 0, at_l
             raise ValueError(f"{len(sizes)} sequences cannot fill {at_least} micro-batches")
         out[k:k + 1] = [out[k][:len(out[k]) // 2], out[k][len(out[k]) // 2:]]
     return out
+
+
+def collate_packed(prompts: list[list[int]], completions: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """the sequences end to end in one row, no padding -> ids (1, T), attn (1, T) all ones, completion mask (N, C) as
+    collate_rl's, and what the forward needs: position ids (1, T) restarting at 0 for each sequence (attention stays
+    within a sequence), keep (K,) the positions whose logits predict the K completion tokens, in cm's row-major order,
+    cu (N + 1,) int32 the sequences' boundaries, for a variable-length attention kernel, and the mask again, for the
+    log-probs' layout."""
+    lens = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    C = max(max(map(len, completions)), 1)
+    ids = torch.tensor([t for p, c in zip(prompts, completions) for t in p + c], dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    keep = torch.cat([torch.arange(len(c)) + s + len(p) - 1 for p, c, s in zip(prompts, completions, cu.tolist())])
+    cm = torch.zeros(len(prompts), C)
+    for i, c in enumerate(completions):
+        cm[i, :len(c)] = 1
+    return ids, torch.ones_like(ids), cm, (pos, keep, cu, cm)
 
 
 def collate_rl(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

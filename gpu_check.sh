@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # gpu_check.sh: everything worth a lent GPU in one call (about 9.5 minutes on one H200, an estimate, under the 10 a
 # call may run; the most wanted checks run first), output in $OUT or ./gpu-out.
-#   1. tests/test_cuda.py: captured decode graphs vs the slow path (fp32, autocast), a capture while another thread
-#      trains, the overlapped stream path on the single-GPU and the FSDP2 (torchrun, nccl) paths, the memory
+#   1. tests/test_cuda.py: captured decode graphs vs the slow path (fp32, autocast), packed rows through the varlen
+#      kernel vs padded ones, a capture while another thread trains, the overlapped stream path on the single-GPU and the FSDP2 (torchrun, nccl) paths, the memory
 #      planner against max_memory_allocated for a 3B sft step and rl update ($out/memory_check.txt); then
 #      tests/test_recipe.py, the recipe's rehearsal on SmolLM2, on the gpu
 #   2. train.py on cuda: tiny sft; 40 overlapped dapo steps under torchrun, one rank per gpu, while nvidia-smi is
@@ -14,7 +14,9 @@
 #      train step (4 micro-batches then the optimizer) with and without checkpointing, mfu and hfu; rollout at
 #      16 prompts x 8 samples x 512 new tokens, 128-token prompts, static engine vs the slow path vs
 #      model.generate, share of the bandwidth limit, engine.sample's ms per decode step and share of the step
-#   4. bench.py --rl: ms per phase of dapo steps of a scratch model at the Qwen2.5-3B shape
+#   4. bench.py --rl: ms per phase of dapo steps of a scratch model at the Qwen2.5-3B shape, and their train/infer
+#      gap (mean and max |log pi_trainer - log pi_engine|); bench.py --update at that shape: 64 completions of
+#      100-1,000 tokens through the update cut in data order, grouped by length, and packed (torch's varlen kernel)
 #   5. bench.py --overlap: dr_grpo steps of a scratch model at the Qwen2.5-3B shape (byte vocabulary), sequential
 #      vs overlapped in one process, speedup against its cap; each one's rollout decode tok/s and share of the
 #      bandwidth limit
@@ -81,8 +83,10 @@ for ck in 1 0; do
 done
 shape="--n_layer=36 --n_embd=2048 --n_head=16 --n_kv_head=2 --n_ff=11008"
 python bench.py --rl config/tiny.py --device=cuda --mode=dapo $shape --batch_size=16 --group_size=8 \
-  --max_new_tokens=128 --micro_batch_size=8 --learning_rate=1e-6 --min_lr=1e-6 --max_iters=3 2>&1 | tail -8 \
+  --max_new_tokens=128 --micro_batch_size=8 --learning_rate=1e-6 --min_lr=1e-6 --max_iters=3 2>&1 | tail -9 \
   | tee -a "$out/bench.txt"
+python bench.py --repeats 1 --update config/tiny.py --device=cuda --mode=dr_grpo $shape --batch_size=8 --group_size=8 \
+  --micro_batch_size=8 --max_new_tokens=16 --spread 100-1000 2>&1 | tail -5 | tee -a "$out/bench.txt"
 python bench.py --preset qwen3b --device cuda --prompts 16 --group_size 8 --new_tokens 512 --prompt_len 128 \
   --skip train --repeats 1 2>&1 | tail -2 | tee -a "$out/bench.txt"
 python bench.py --repeats 1 --overlap config/tiny.py --device=cuda --mode=dr_grpo $shape --batch_size=16 \

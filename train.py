@@ -46,8 +46,8 @@ from torch.utils.checkpoint import checkpoint
 import rewards
 from checkpoint import is_checkpoint, load_checkpoint, load_checkpoint_model, load_pretrained, local, save_checkpoint
 from configurator import configure
-from data import (Tokenizer, collate_rl, collate_sft, format_prompt, load_rows, micro_batches, pad_rows, step_indices,
-                  tokenize_sft)
+from data import (Tokenizer, collate_packed, collate_rl, collate_sft, format_prompt, load_rows, micro_batches, pad_rows,
+                  step_indices, tokenize_sft)
 from engine import KVCache, generate
 
 # -----------------------------------------------------------------------------
@@ -94,8 +94,10 @@ grad_clip = 1.0  # 0 disables
 max_skips = 3  # a step whose loss or gradient norm is not finite is skipped; more in a row than this stop the run
 batch_size = 64  # global per step, whatever the world size: sft examples | rl prompts (x group_size samples)
 micro_batch_size = 4  # sequences per forward/backward on each rank
-micro_batch_tokens = 0  # rl update: > 0 groups sequences by length, longest first, into micro-batches of at most this
+micro_batch_tokens = 0  # sft and rl updates: > 0 groups sequences by length, longest first, into micro-batches of at most this
 # many padded tokens (and micro_batch_size rows): less padding, the same gradient; 0: micro_batch_size rows in data order
+pack = False  # sft and rl updates: each micro-batch's sequences end to end in one row, no padding (micro_batch_tokens then
+# counts real tokens); attention stays within each sequence (on gpus torch's variable-length flash kernel)
 grad_sync = 'micro'  # fsdp2: 'micro' reduce-scatters every micro-batch's gradients (each rank holds its 1/world shard);
 # 'step' reduces once per step, one collective instead of n_micro, but each rank accumulates full fp32 gradients
 master_dtype = 'fp32'  # 'fp32' | 'bf16': fp32 master weights apply 1e-6-sized updates; bf16 loses them
@@ -126,11 +128,12 @@ device = 'cuda'  # 'cuda' | 'cpu'
 seed = 1337
 activation_checkpointing = True  # recompute each decoder layer in backward
 logprob_chunk = 256  # positions per fp32 log-softmax chunk (never a (B, T, V) fp32 tensor)
-autocast = 'auto'  # 'auto': bf16 autocast on one gpu, off elsewhere (fsdp2 on gpus computes in bf16 parameters) | 'bf16' | 'off'
+autocast = 'auto'  # 'auto': bf16 autocast where it pays (use_autocast) | 'bf16' | 'off'
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list))]
 MODES = ('sft', 'grpo', 'dr_grpo', 'dapo')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+AMP_CPU_MIN_PARAMS = 50_000_000  # cpu bf16 autocast pays from here (amx: 2.2x on smollm2-135m, 0.85x on the 1m demo)
 GAP_GROWTH, GAP_MIN = 10.0, 1e-3  # the gap alarm: a mean gap this many times the run's smallest, and above this
 
 # -----------------------------------------------------------------------------
@@ -180,6 +183,47 @@ def choose_sdpa():
     mask when seq_len % 128 == 64 (pytorch#196678, torch >= 2.11; trl#7181 on qwen2.5). flash takes no mask, so a
     padded batch runs the memory-efficient kernel, and an unpadded one flash."""
     torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def cpu_bf16_units() -> bool:
+    """whether this cpu multiplies bf16 in hardware (amx tiles, avx512-bf16); without them bf16 matmuls are converted
+    to fp32 in software, 5-50x slower than fp32 ones."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def use_autocast(setting: str, cuda: bool, ddp: bool, n_params: int, cpu_bf16: bool) -> bool:
+    """bf16 autocast over the fp32 master weights: 'bf16' always, 'off' never, 'auto' where it pays. on one gpu; not
+    under fsdp2 on gpus, whose parameters already compute in bf16; on a cpu with bf16 matrix units for a model of at
+    least AMP_CPU_MIN_PARAMS, where the matmuls dominate (on a small one the casts cost more than they save)."""
+    if setting != 'auto':
+        return setting == 'bf16'
+    return not ddp if cuda else cpu_bf16 and n_params >= AMP_CPU_MIN_PARAMS
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, **kwargs):
+    """hf's attention (use_varlen) for a packed row on gpus: torch's variable-length flash kernel, each sequence
+    attending causally within itself (bounds cu_seq_lens_q, from token_logprobs); any other call runs sdpa."""
+    from torch.nn.attention import varlen
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    q, k, v = (x[0].transpose(0, 1).to(torch.bfloat16) for x in (query, key, value))  # (1, H, T, D) -> (T, H, D)
+    out = varlen.varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                             window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])  # (-1, 0): causal
+    return out[None].to(query.dtype), None  # (1, T, H, D); rope leaves q, k fp32 under autocast
+
+
+def use_varlen(model):
+    """packed rows through varlen_attention. hf still builds their block-diagonal mask from the positions (T x T bools,
+    64 MiB at 8,192 tokens), which varlen_attention leaves unread, and which padded batches need."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register('varlen', varlen_attention)
+    AttentionMaskInterface.register('varlen', sdpa_mask)
+    model.set_attn_implementation('varlen')
+    return model
 
 
 def ref_dtype(master_dtype: str, cuda: bool, ddp: bool) -> str:
@@ -272,17 +316,26 @@ def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 
 
 def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, temperature: float = 1.0,
-                   chunk: int = 256, entropy: bool = False, vocab: int | None = None):
+                   chunk: int = 256, entropy: bool = False, vocab: int | None = None, packed: tuple | None = None):
     """log p(ids[:, -n_tail:]) under logits[..., :vocab] / temperature -> (B, n_tail) [, entropy (B, n_tail)].
+    packed: (pos, keep, cu, cm) of data.collate_packed's one row (ids (1, T)): the completions' log-probs laid out as
+    their mask cm (N, n_tail), 0 past each completion's end.
 
     vocab is the tokenizer's size: the sampler never draws the padded embedding rows past it, so neither may
     the trainer's distribution include them."""
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions from the mask: left padding is harmless
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                   logits_to_keep=n_tail + 1).logits[:, :-1, :vocab]  # (B, n_tail, V), possibly bf16
-    targets = ids[:, -n_tail:]
+    if packed is None:
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions from the mask: left padding is harmless
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                       logits_to_keep=n_tail + 1).logits[:, :-1, :vocab]  # (B, n_tail, V), possibly bf16
+        targets = ids[:, -n_tail:]
+    else:  # no attention mask: hf reads the sequences' bounds from the restarting positions (or varlen's cu)
+        pos, keep, cu, _ = packed
+        n = int((cu[1:] - cu[:-1]).max())
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, cu_seq_lens_q=cu,
+                       cu_seq_lens_k=cu, max_length_q=n, max_length_k=n).logits[..., :vocab]  # (1, K, V)
+        targets = ids[:, keep + 1]
     out, ent = [], []
-    for s in range(0, n_tail, chunk):
+    for s in range(0, logits.shape[1], chunk):
         lg, tg = logits[:, s:s + chunk], targets[:, s:s + chunk]
         if torch.is_grad_enabled():
             out.append(checkpoint(_chunk_logprobs, lg, tg, temperature, use_reentrant=False))
@@ -292,8 +345,12 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, te
             with torch.no_grad():
                 lp = torch.log_softmax(lg.float() / temperature, -1)
                 ent.append(-(lp.exp() * lp).sum(-1))
-    lp = torch.cat(out, 1)
-    return (lp, torch.cat(ent, 1)) if entropy else lp
+    lp, ent = torch.cat(out, 1), torch.cat(ent, 1) if entropy else None
+    if packed is not None:  # (1, K) -> (N, n_tail): keep runs through the completions in the mask's row-major order
+        at = packed[3].bool()
+        lp = lp.new_zeros(at.shape).masked_scatter(at, lp)
+        ent = ent.new_zeros(at.shape).masked_scatter(at, ent) if entropy else None
+    return (lp, ent) if entropy else lp
 
 
 @contextlib.contextmanager
@@ -638,8 +695,8 @@ def check_positions(c: dict, n_pos: int, longest_prompt: int):
 
 
 class Run(types.SimpleNamespace):
-    """the settings (config keys, as attributes), this rank's place (ddp, rank, world, master, device, cuda, amp_on,
-    mesh), the data (tok, eos_ids, pad_id, rows, then examples or prompts), and what the run builds (model, ref, infer,
+    """the settings (config keys, as attributes), this rank's place (ddp, rank, world, master, device, cuda, mesh),
+    the data (tok, eos_ids, pad_id, rows, then examples or prompts), and what the run builds (model, amp_on, ref, infer,
     infer_kv, params, optimizer, preempt, log, and under overlap threads, side, bg_group, pending)."""
 
 
@@ -660,7 +717,6 @@ def setup(config: dict) -> Run:
     r.cuda = r.device.startswith('cuda')
     if r.cuda:
         choose_sdpa()
-    r.amp_on = r.autocast == 'bf16' or (r.autocast == 'auto' and r.cuda and not r.ddp)
     r.log = (lambda *a: print(*a, flush=True)) if r.master else (lambda *a: None)
     r.gap_floor, r.alarmed = None, set()
     return r
@@ -677,8 +733,11 @@ def build(r: Run, init: str, init_from_run: str):
     r.eos_ids, r.pad_id = [eos_id], eos_id  # padding is never read: every mask comes from lengths, never token values
     cfg = dict(r.config, init_from=init)
     r.model = build_model(cfg, r.tok)
+    r.amp_on = use_autocast(r.autocast, r.cuda, r.ddp, sum(p.numel() for p in r.model.parameters()), cpu_bf16_units())
     # overlap: the frozen copy rollouts generate from (bf16 under fsdp2 on gpus); the optimizer never writes it
     r.infer = inference_copy(r.model, r.device, bf16=r.cuda and r.ddp, amp=r.amp_on) if r.overlap else None
+    if r.pack and r.cuda:
+        use_varlen(r.model)
     if r.activation_checkpointing:
         r.model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
     param_dtype = torch.bfloat16 if r.cuda else None
@@ -689,6 +748,7 @@ def build(r: Run, init: str, init_from_run: str):
     if r.mode == 'grpo' and r.beta > 0:  # frozen, sharded like the policy, from the run's original init
         ref_cfg = dict(cfg, init_from=init_from_run, master_dtype=ref_dtype(r.master_dtype, r.cuda, r.ddp))
         r.ref = build_model(ref_cfg, r.tok).requires_grad_(r.amp_on).eval()  # autocast caches casts of leaves needing grad
+        r.ref = use_varlen(r.ref) if r.pack and r.cuda else r.ref
         r.ref = (shard(r.ref, r.mesh, param_dtype, frozen=True) if r.ddp else r.ref).to(r.device)
     r.params = dict(r.model.named_parameters())  # at rest: the sharded parameters the optimizer updates and checkpoints hold
     r.optimizer = AdamW(r.params.values(), lr=r.learning_rate, betas=(r.beta1, r.beta2), weight_decay=r.weight_decay,
@@ -779,28 +839,49 @@ def optimizer_step(r: Run, m: dict):
     sync(r)
 
 
+def cut(r: Run, sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """this rank's micro-batches (indices into its sequences' (prompt, completion) sizes): micro_batch_size rows in
+    data order, or grouped by length under micro_batch_tokens, as many on every rank (fsdp2's collectives run per
+    micro-batch). the loss's denominators are step-wide, so the cut never changes the gradient."""
+    out = micro_batches(sizes, r.micro_batch_size, r.micro_batch_tokens, packed=r.pack)
+    if r.ddp and r.micro_batch_tokens:
+        n = torch.tensor(len(out), device=r.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        out = micro_batches(sizes, r.micro_batch_size, r.micro_batch_tokens, at_least=int(n), packed=r.pack)  # host sync
+    return out
+
+
 def sft_step(r: Run, data_pos: int) -> tuple[dict, int]:
     """one optimizer step of next-token loss on the completions -> (metrics, data_pos after)."""
     per_rank = r.batch_size // r.world
     idx = step_indices(len(r.examples), r.batch_size, data_pos, r.seed)[r.rank * per_rank:(r.rank + 1) * per_rank]
-    micro = [collate_sft([r.examples[i] for i in idx[s:s + r.micro_batch_size]], r.pad_id)
-             for s in range(0, per_rank, r.micro_batch_size)]
-    norm = all_sum(r, sum(mk.sum() for _, _, mk in micro).to(r.device))  # global loss-token count, once
+    exs = [r.examples[i] for i in idx]  # (ids, n_prompt): the completion and eos carry the loss
+    micro = []
+    for mb in cut(r, [(len(x), 0) for x, _ in exs]):
+        if r.pack:
+            micro.append(collate_packed([exs[i][0][:exs[i][1]] for i in mb], [exs[i][0][exs[i][1]:] for i in mb]))
+        else:
+            micro.append(collate_sft([exs[i] for i in mb], r.pad_id) + (None,))
+    norm = all_sum(r, sum(mk.sum() for _, _, mk, _ in micro).to(r.device))  # global loss-token count, once
     loss_sum, m = torch.zeros((), device=r.device), {}
     with casts(r):  # each weight cast once per optimizer step
-        for k, (ids, attn, mk) in enumerate(micro):
+        for k, (ids, attn, mk, pk) in enumerate(micro):
             r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
             if r.ddp:
                 r.model.set_requires_gradient_sync(r.grad_sync == 'micro' or k == len(micro) - 1)
             ids, attn, mk = ids.to(r.device), attn.to(r.device), mk.to(r.device)
+            pk = pk and tuple(t.to(r.device) for t in pk)
             with phase('forward'), amp(r):
-                lp = token_logprobs(r.model, ids, attn, ids.shape[1] - 1, 1.0, r.logprob_chunk, vocab=r.tok.n_vocab)
+                lp = token_logprobs(r.model, ids, attn, mk.shape[1], 1.0, r.logprob_chunk, vocab=r.tok.n_vocab,
+                                    packed=pk)
                 loss = -(lp * mk).sum() / norm
             with phase('backward'):
                 (loss * r.world).backward()  # x world cancels FSDP's gradient averaging, exactly once
             loss_sum += loss.detach()
     m['loss'] = all_sum(r, loss_sum)
-    m['tokens'] = all_sum(r, sum(a.sum() for _, a, _ in micro).to(r.device))
+    m['tokens'] = all_sum(r, sum(a.sum() for _, a, _, _ in micro).to(r.device))
+    computed = torch.tensor(float(sum(ids.numel() for ids, _, _, _ in micro)), device=r.device)
+    m['pad_ratio'] = all_sum(r, computed) / m['tokens']  # tokens computed / tokens that count
     optimizer_step(r, m)
     return m, data_pos + r.batch_size
 
@@ -882,29 +963,25 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
         r.log(f"step {step + 1}: no group with distinct rewards after {m['gen_rounds']} rounds; update skipped")
         m.update(loss=0.0, tokens=0, clip_low=0.0, clip_high=0.0, log_ratio=0.0)
         return optimizer_step(r, m)
-    t2, dev, mb_size = time.time(), r.device, r.micro_batch_size
+    t2, dev = time.time(), r.device
     seq_p = [g['prompt'] for g in groups for _ in g['comps']]
     seq_c = [c for g in groups for c in g['comps']]
     seq_lp = [lp for g in groups for lp in g['lps']]
     with phase('advantage_computation'):
         adv = compute_advantages(torch.tensor([x for g in groups for x in g['rewards']]), r.group_size, mode=r.mode)
     m['t_adv'], t2 = time.time() - t2, time.time()
-    sizes = [(len(p), len(c)) for p, c in zip(seq_p, seq_c)]
-    cut = micro_batches(sizes, mb_size, r.micro_batch_tokens)
-    if r.ddp and r.micro_batch_tokens:  # as many micro-batches on every rank: fsdp2's collectives run per micro-batch
-        n = torch.tensor(len(cut), device=dev)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        cut = micro_batches(sizes, mb_size, r.micro_batch_tokens, at_least=int(n))  # host sync
     micro = []
-    for idx in cut:
-        ids, attn, cm = collate_rl([seq_p[i] for i in idx], [seq_c[i] for i in idx], r.pad_id)
+    for idx in cut(r, [(len(p), len(c)) for p, c in zip(seq_p, seq_c)]):
+        ps, cs = [seq_p[i] for i in idx], [seq_c[i] for i in idx]
+        ids, attn, cm, pk = collate_packed(ps, cs) if r.pack else collate_rl(ps, cs, r.pad_id) + (None,)
         eng = pad_rows([seq_lp[i] for i in idx], cm.shape[1]).to(dev)  # the sampler's log-probs of its own tokens
-        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[idx].to(dev), eng if r.overlap else None, eng])
+        micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[idx].to(dev), eng if r.overlap else None, eng,
+                      pk and tuple(t.to(dev) for t in pk)])
     n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=dev)
     n_seq, n_tok = all_sum(r, n_local).tolist()  # host sync: the step-wide denominators, once
     norm = loss_norm(r.mode, n_seq, n_tok, r.max_new_tokens)
     logprobs = lambda model, mb, **kw: token_logprobs(model, mb[0], mb[1], mb[2].shape[1], r.temperature,
-                                                      r.logprob_chunk, vocab=r.tok.n_vocab, **kw)
+                                                      r.logprob_chunk, vocab=r.tok.n_vocab, packed=mb[6], **kw)
     with torch.no_grad(), phase('old_logprobs'), amp(r):  # one context: each weight cast once
         for mb in micro:
             if not r.overlap and r.num_iterations > 1:  # mu = 1 takes them from the update's own first forward
@@ -919,7 +996,7 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
         loss_sum, st_sum = torch.zeros((), device=dev), {}
         with casts(r):  # each weight cast once per optimizer step; the optimizer step is outside
             for k, mb in enumerate(micro):
-                ids, attn, cm, a, old, eng, rlp = mb
+                ids, attn, cm, a, old, eng, _, rlp = mb
                 r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
                 if r.ddp:
                     r.model.set_requires_gradient_sync(r.grad_sync == 'micro' or k == len(micro) - 1)
@@ -1124,8 +1201,9 @@ def main(argv: list[str], signals: bool = True):
         state, rstate = resume(r, init)
     step, data_pos = state['step'], state['data_pos']
     n_params = sum(p.numel() for p in r.model.parameters())
-    r.log(f"mode {r.mode} | {n_params / 1e6:.2f}M params | world {r.world} | device {r.device} | master "
-          f"{r.master_dtype} | adam {r.optim_dtype} | init {init}" + (" | overlapped rollouts" if r.overlap else ''))
+    r.log(f"mode {r.mode} | {n_params / 1e6:.2f}M params | world {r.world} | device {r.device} | master {r.master_dtype}"
+          f"{' under bf16 autocast' if r.amp_on else ''} | adam {r.optim_dtype} | init {init}"
+          + (" | overlapped rollouts" if r.overlap else ''))
     load_data(r)
     r.pending, r.preempt, done = None, None, False  # pending, overlap: the future of the next step's rollout
     try:  # from here on, whatever ends the run gives back what it took (threads, signals): in process too

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import train
 from conftest import in_process
 from test_engine import FAMILIES, tiny
 
@@ -48,7 +49,8 @@ def test_decode_bytes_count_the_model(family):
 
 
 def test_rl_phases_cover_the_step():
-    """every phase of a grpo step is timed: the phases add up to the step but for a small remainder, each >= 0"""
+    """every phase of a grpo step is timed: the phases add up to the step but for a small remainder, each >= 0; and the
+    steps' train/infer gap"""
     p = bench_main(['--rl', 'config/tiny.py', '--mode=grpo', '--max_iters=3', '--batch_size=2', '--group_size=2',
                     '--max_new_tokens=16', '--device=cpu'])
     step = float(re.search(r'mean of 2 steps: (\d+) ms', p).group(1))
@@ -58,6 +60,8 @@ def test_rl_phases_cover_the_step():
     assert ms['rollout'] > 0 and ms['update (loss, backward)'] > 0 and ms['log-probs (old, reference)'] > 0
     assert abs(sum(ms.values()) - step) <= 1 + 0.05 * len(ms)  # printed to 0.1 ms, the step to 1 ms
     assert abs(ms['other']) < 0.2 * step, ms  # a phase left out of the breakdown would show up here
+    gap = re.search(r'train/infer gap \|log pi_trainer - log pi_engine\|: mean ([\d.e+-]+), max ([\d.e+-]+)$', p, re.M)
+    assert gap and 0 <= float(gap[1]) <= float(gap[2]) < 1e-4, p  # fp32 on both sides: ~1e-7
 
 
 def test_rollout_prints_sampling_share():
@@ -69,6 +73,17 @@ def test_rollout_prints_sampling_share():
     assert m, p
     assert (int(m[1]), int(m[2])) == (6, 320)  # prompts x group_size rows, the tiny model's embedding rows
     assert 0 < float(m[3]) / float(m[4]) < 1
+
+
+def test_train_step_on_a_cpu_times_bf16_autocast_against_fp32():
+    """the same step twice in one process, fp32 then under bf16 autocast, and which one autocast = 'auto' picks here:
+    fp32 for the tiny model whatever the cpu (its matmuls are too small for the casts to pay)"""
+    p = bench_main(['--device', 'cpu', '--skip', 'rollout', '--repeats', '1', '--micro_batch', '1', '--seq_len', '16',
+                    '--accum', '2'])
+    m = re.search(r'under cpu bf16 autocast: \d+ tok/s \| \d+ ms \| ([\d.]+)x fp32 \| bf16 matrix units \(amx, '
+                  r'avx512-bf16\): (yes|no) \| autocast = .auto. picks (fp32|bf16)', p)
+    assert m and float(m[1]) > 0, p
+    assert (m[2] == 'yes') == train.cpu_bf16_units() and m[3] == 'fp32', p
 
 
 def test_overlap_prints_decode_tok_s_and_bandwidth_share():
@@ -85,12 +100,15 @@ def test_overlap_prints_decode_tok_s_and_bandwidth_share():
     assert f'intra-op threads: sequential {2 * side}, overlapped {side} a side' in p, p
 
 
-def test_update_prints_both_cuts_and_grouping_pads_less():
+def test_update_prints_each_cut_and_packing_pads_nothing():
     """bench.py --update: the same sequences (random lengths 20-60 after 64-token prompts) through the update cut in
-    data order and by a token budget; the budget's padding is lower, each line names its micro-batches"""
+    data order and by a token budget, padded and packed; the budget's padding is lower, packing's none, each line names
+    its micro-batches"""
     out = bench_main(['--repeats', '1', '--update', 'config/tiny.py', '--mode=dr_grpo', '--batch_size=2', '--group_size=4',
                       '--micro_batch_size=2', '--max_new_tokens=8', '--spread', '20-60'])
     assert '8 sequences of' in out, out
-    pad = {k: float(v) for k, v in re.findall(r'^  (data order|by length).*padding x([\d.]+)$', out, re.M)}
-    assert set(pad) == {'data order', 'by length'} and 1 <= pad['by length'] < pad['data order'], out
-    assert re.search(r'micro_batch_tokens \d+ ', out) and re.search(r'^  ratio [\d.]+x$', out, re.M), out
+    pad = {k: float(v) for k, v in re.findall(r'^  (data order|by length, m|by length, p).*padding x([\d.]+)$', out, re.M)}
+    assert set(pad) == {'data order', 'by length, m', 'by length, p'}, out
+    assert pad['by length, p'] == 1 <= pad['by length, m'] < pad['data order'], out  # packed: no padding at all
+    assert re.search(r'micro_batch_tokens \d+ ', out), out
+    assert re.search(r'^  ratio to data order: grouped [\d.]+x, packed [\d.]+x$', out, re.M), out

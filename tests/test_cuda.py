@@ -1,5 +1,6 @@
 """what only a GPU can show (skipped without one; gpu_check.sh runs it): captured decode graphs equal the slow
-path, captures survive a concurrent training thread, the overlapped stream path learns nothing from a race.
+path, captures survive a concurrent training thread, the overlapped stream path learns nothing from a race, packed
+rows through torch's variable-length flash kernel score as padded ones.
 
     python -m pytest tests/test_cuda.py -q      # on a CUDA machine
 """
@@ -25,6 +26,32 @@ def gen(m, kind, seed=0, **kw):
     kw = dict(dict(n_samples=4, max_new_tokens=24, temperature=0.7, top_p=0.9, eos_ids=list(range(0, 256, 16)),
                    stop_strings=['e'], tok=TOK, pad_id=0), **kw)
     return engine.generate(m, prompts(), generator=torch.Generator('cuda').manual_seed(seed), engine=kind, **kw)
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_packed_rows_through_the_varlen_kernel_score_as_padded_ones(amp):
+    """fsdp2's bf16 parameters (amp False: a bf16 model), or fp32 master weights under bf16 autocast (one gpu, whose
+    rope leaves q and k fp32): log-probs and the gradient of a packed row through use_varlen against the padded
+    batch through sdpa, to bf16's rounding"""
+    torch.manual_seed(0)
+    m = tiny().cuda().to(torch.float32 if amp else torch.bfloat16).train()
+    ps = [p for p in prompts() for _ in range(2)]
+    comps = [torch.randint(3, 200, (n,)).tolist() for n in (5, 17, 9, 30, 1, 12)]
+    ctx = lambda: torch.autocast('cuda', torch.bfloat16, enabled=amp)
+
+    def scored(packed):
+        m.zero_grad(set_to_none=True)
+        ids, attn, cm, pk = data.collate_packed(ps, comps) if packed else data.collate_rl(ps, comps, 0) + (None,)
+        with ctx():
+            lp = train.token_logprobs(m, ids.cuda(), attn.cuda(), cm.shape[1], vocab=TOK.n_vocab,
+                                      packed=pk and tuple(t.cuda() for t in pk))
+        (-(lp * cm.cuda()).sum()).backward()
+        return lp.float() * cm.cuda(), m.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
+    want, g = scored(False)
+    train.use_varlen(m)
+    got, g2 = scored(True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05)
+    assert (g2 - g).norm() < 0.05 * g.norm(), ((g2 - g).norm(), g.norm())
 
 
 def test_captured_buckets_equal_the_slow_path_fp32():

@@ -3,7 +3,8 @@
 The training runs share four fixtures (each a few seconds of 2-core CPU), all with a global batch of 16:
   a:  1 rank, 4 micro-batches of 4, 6 steps, a checkpoint every 3 steps (the uninterrupted reference)
   b1: as a, but 3 steps, then --init_from=resume to 6 steps
-  b2: as b1 on 2 ranks (torchrun, gloo, FSDP2): 2 micro-batches of 4 per rank
+  b2: as b1 on 2 ranks (torchrun, gloo, FSDP2), each rank's 8 examples grouped by length and packed end to end into
+      micro-batches of at most 256 tokens (as many on both ranks)
   c:  1 rank, one micro-batch of 16, 3 steps
 """
 import json
@@ -41,10 +42,10 @@ def run_a(run_train, tmp_path_factory):
     return out
 
 
-def interrupted(run_train, out, nproc):
-    run_train(ARGS + [f'--out_dir={out}', '--max_iters=3'], nproc=nproc)
+def interrupted(run_train, out, nproc, extra=()):
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=3', *extra], nproc=nproc)
     shutil.copytree(os.path.realpath(out / 'ckpt'), out / 'leg1_ckpt')  # step 3, before resume replaces it
-    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume'], nproc=nproc)
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume', *extra], nproc=nproc)
     return out
 
 
@@ -55,7 +56,7 @@ def run_b1(run_train, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run_b2(run_train, tmp_path_factory):
-    return interrupted(run_train, tmp_path_factory.mktemp('b2'), 2)
+    return interrupted(run_train, tmp_path_factory.mktemp('b2'), 2, ['--pack=True', '--micro_batch_tokens=256'])
 
 
 @pytest.fixture(scope='module')
@@ -85,8 +86,10 @@ def test_resume_equals_uninterrupted(run_a, run_b1):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(run_a, run_b2):
-    # the global batch does not depend on the world size: same examples, same all-reduced loss
+    # the global batch does not depend on the world size: same examples, same all-reduced loss; nor on how a rank cuts
+    # its examples into micro-batches (every denominator is step-wide): packed by length vs padded in data order
     a, b = metrics(run_a), metrics(run_b2)
+    assert all(m['pad_ratio'] == 1 for m in b) and all(m['pad_ratio'] > 1 for m in a), (a, b)
     assert_same(b[:3], a[:3], 1e-5, '2 ranks vs 1 rank, steps 1-3')
     assert_same(b[3:], a[3:], 1e-5, '2 ranks resumed at step 3 vs 1 rank uninterrupted, steps 4-6')
     assert json.load(open(run_b2 / 'ckpt' / 'train_state.json'))['world_size'] == 2

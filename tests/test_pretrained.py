@@ -90,6 +90,8 @@ def test_an_rl_step_on_the_real_model(smollm, tmp_path, mode):
     m = [json.loads(line) for line in open(tmp_path / 'out' / 'metrics.jsonl')]
     assert [r['step'] for r in m] == [1] and all(math.isfinite(r['loss']) for r in m), m
     assert ('kl' in m[0]) == (mode == 'grpo') and 'data: 8 rl prompts' in p.stdout
+    # autocast = 'auto': a 135M model computes under bf16 autocast where this cpu multiplies bf16 in hardware
+    assert ('under bf16 autocast' in p.stdout) == train.cpu_bf16_units(), p.stdout[:2000]
 
 
 def test_a_pretrained_model_is_built_to_train(smollm, tmp_path):
@@ -154,6 +156,29 @@ def test_the_token_that_ends_a_completion_carries_the_loss(smollm, stop):
     assert train.unmasked_ends(comps, [False] * 2, texts, [eos], stops) == 0  # the run's alarm stays quiet here
     cut = [c[:-1] for c in comps]  # a mask one short: the stop token left out
     assert train.unmasked_ends(cut, [False] * 2, [tok.decode([x for x in c if x != eos]) for c in cut], [eos], stops) == 2
+
+
+def test_packed_sequences_score_as_padded_ones_on_the_real_model(smollm):
+    """llama's attention on chat prompts of different lengths with completions of different lengths: packed end to
+    end in one row (positions restarting), the log-probs, the entropy and the gradient are the padded batch's."""
+    tok = data.Tokenizer.load(smollm)
+    model = train.build_model({'init_from': smollm, 'master_dtype': 'fp32'}, tok)
+    prompts = [tok.encode_prompt(tok.hf.apply_chat_template([{'role': 'user', 'content': q}], tokenize=False,
+                                                            add_generation_prompt=True))
+               for q in ('What is 2 + 3?', 'Name a colour.', 'How many legs does a spider have? Think first.')]
+    comps = [tok.encode(c) for c in ('2 + 3 = 5, so 5.', 'Blue.', 'A spider has eight legs: 8.')]
+
+    def scored(packed):
+        model.zero_grad(set_to_none=True)
+        ids, attn, cm, pk = data.collate_packed(prompts, comps) if packed else data.collate_rl(prompts, comps, 0) + (None,)
+        lp, ent = train.token_logprobs(model, ids, attn, cm.shape[1], entropy=True, vocab=tok.n_vocab, packed=pk)
+        (-(lp * cm).sum()).backward()
+        return lp * cm, ent * cm, model.model.layers[0].self_attn.q_proj.weight.grad.clone(), ids.shape
+    (lp, ent, g, shape), (lp2, ent2, g2, shape2) = scored(False), scored(True)
+    assert shape2[0] == 1 and shape2[1] == sum(map(len, prompts)) + sum(map(len, comps)) < shape[0] * shape[1]
+    torch.testing.assert_close(lp2, lp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent2, ent, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-5)
 
 
 def test_the_overlap_copy_computes_as_the_trainer(smollm):

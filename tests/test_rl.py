@@ -472,6 +472,17 @@ def metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.parametrize('setting,cuda,ddp,n_params,cpu_bf16,want', [
+    ('auto', True, False, 10 ** 6, False, True),  # one gpu: fp32 master weights under autocast
+    ('auto', True, True, 3 * 10 ** 9, False, False),  # fsdp2 on gpus: its bf16 parameters, no autocast over them
+    ('auto', False, True, 135 * 10 ** 6, True, True),  # smollm2 on a cpu with amx, 2 ranks
+    ('auto', False, False, 10 ** 6, True, False),  # the demo's model: casts cost more than its small matmuls save
+    ('auto', False, False, 135 * 10 ** 6, False, False),  # no bf16 matrix units: bf16 matmuls run in software
+    ('bf16', False, False, 10 ** 6, False, True), ('off', True, False, 3 * 10 ** 9, True, False)])
+def test_auto_autocast_runs_bf16_where_it_pays(setting, cuda, ddp, n_params, cpu_bf16, want):
+    assert train.use_autocast(setting, cuda, ddp, n_params, cpu_bf16) is want
+
+
 def test_autocast_casts_each_weight_once_per_phase(tmp_path):
     # grpo as one gpu runs it (one process, fp32 master weights under bf16 autocast; here the cpu's autocast), from the
     # recipe's config with a scratch model of a few layers: autocast caches a weight's cast only until its outermost
@@ -523,20 +534,53 @@ def test_micro_batches_by_hand():
     assert data.micro_batches(sizes, 4, 16) == [[1], [3, 0], [2, 4]]
     assert data.micro_batches(sizes, 4, 16, at_least=4) == [[1], [3], [0], [2, 4]]  # the fullest one halved
     assert data.micro_batches(sizes, 4, 1) == [[1], [3], [0], [2], [4]]  # each over the budget alone: one row each
+    # packed, a micro-batch costs its lengths' sum (4, 8, 4, 8, 2): [1, 3] is 16; [0, 2, 4] 10
+    assert data.micro_batches(sizes, 4, 16, packed=True) == [[1, 3], [0, 2, 4]]
+    assert data.micro_batches(sizes, 2, 16, packed=True) == [[1, 3], [0, 2], [4]]  # still at most `rows` rows
     with pytest.raises(ValueError, match='cannot fill 6'):
         data.micro_batches(sizes, 4, 1, at_least=6)
 
 
-@pytest.mark.parametrize('mode', ['grpo', 'dapo'])
-def test_a_token_budget_gives_the_same_step_with_less_padding(sft_ckpt, mode):
-    """sequences grouped by length into micro-batches of at most 64 padded tokens: every denominator is step-wide,
-    so the loss, the gradient's norm and each statistic are those of data-order micro-batches of 4."""
+@pytest.mark.parametrize('mode,pack', [('grpo', False), ('dapo', False), ('grpo', True), ('dapo', True)])
+def test_a_token_budget_gives_the_same_step_with_less_padding(sft_ckpt, mode, pack):
+    """sequences grouped by length into micro-batches of at most 64 tokens, padded or packed end to end (no padding):
+    every denominator is step-wide, so the loss, the gradient's norm and each statistic are those of data-order
+    micro-batches of 4."""
     args = RL + [f'--mode={mode}', '--max_iters=1', f'--init_from={sft_ckpt}', '--micro_batch_size=4']
     (plain,), _ = bench.run_steps(args, skip=0)
-    (grouped,), _ = bench.run_steps(args + ['--micro_batch_tokens=64'], skip=0)
+    (grouped,), _ = bench.run_steps(args + ['--micro_batch_tokens=64', f'--pack={pack}'], skip=0)
     for k in ('loss', 'grad_norm', 'entropy', 'mismatch_mean', 'tokens', 'reward_mean'):
         assert grouped[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-7), (k, plain[k], grouped[k])
     assert 1 <= grouped['pad_ratio'] < plain['pad_ratio'], (plain['pad_ratio'], grouped['pad_ratio'])
+    assert (grouped['pad_ratio'] == 1) == pack, grouped['pad_ratio']
+
+
+def test_packed_rows_reach_the_variable_length_kernel_as_its_bounds(monkeypatch):
+    """on gpus a packed row runs torch's varlen flash kernel (use_varlen). here a reference kernel stands in for it,
+    sdpa per sequence: each sequence's (T, H, D) slice attends causally within itself. the packed log-probs are the
+    padded ones to bf16 rounding (the kernel computes in bf16); a padded batch through use_varlen is sdpa's, exactly."""
+    from torch.nn.attention import varlen
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert q.dtype == torch.bfloat16 and window_size == (-1, 0) and torch.equal(cu_q, cu_k) and enable_gqa
+        calls.append(cu_q.tolist())
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            *(x[a:b].transpose(0, 1).float() for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True)
+            .transpose(0, 1) for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]).to(q.dtype)
+    monkeypatch.setattr(varlen, 'varlen_attn', kernel)
+    tok = data.Tokenizer.bytes_level()
+    model = train.build_model(dict(init_from='scratch', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_ff=128,
+                                   master_dtype='fp32', seed=0), tok)
+    ps, cs = [[5, 6, 7], [8, 9], [1, 2, 3, 4, 5]], [[10, 11, 12, 13], [14], [20, 21]]
+    ids, attn, cm = data.collate_rl(ps, cs, 0)
+    want = train.token_logprobs(model, ids, attn, cm.shape[1])
+    train.use_varlen(model)
+    assert torch.equal(train.token_logprobs(model, ids, attn, cm.shape[1]), want) and not calls
+    pids, pattn, pcm, pk = data.collate_packed(ps, cs)
+    got = train.token_logprobs(model, pids, pattn, pcm.shape[1], packed=pk)
+    assert calls == [[0, 7, 10, 17]] * 2 and torch.equal(pcm, cm)  # one call per layer, the three sequences' bounds
+    assert ((got - want) * cm).abs().max() < 1e-2 and (got * (1 - cm)).abs().max() == 0, (got, want)
 
 
 @pytest.mark.parametrize('extra,said', [(['--tis_cap=0.5'], 'tis_cap = 0.5, expected 0 (off) or >= 1'),

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import data
 import train
 
@@ -136,6 +137,20 @@ def test_one_vs_four_micro_batches_same_gradient(tok, examples):
     assert math.isclose(loss1, loss4, rel_tol=1e-6), (loss1, loss4)
     for n in g1:
         assert torch.allclose(g1[n], g4[n], atol=1e-6, rtol=1e-5), (n, (g1[n] - g4[n]).abs().max().item())
+
+
+@pytest.mark.parametrize('pack', [False, True])
+def test_a_token_budget_gives_the_same_sft_step_with_less_padding(pack):
+    """sft examples grouped by length into micro-batches of at most 160 tokens, padded or packed end to end: the
+    loss's denominator is step-wide, so the step is that of data-order micro-batches of 4, with less padding computed
+    (none packed)"""
+    args = ['config/tiny.py', '--max_iters=2', '--micro_batch_size=4']
+    plain, _ = bench.run_steps(args, skip=0)
+    grouped, _ = bench.run_steps(args + ['--micro_batch_tokens=160', f'--pack={pack}'], skip=0)
+    for p, g in zip(plain, grouped):
+        for k in ('loss', 'grad_norm', 'tokens'):
+            assert g[k] == pytest.approx(p[k], rel=1e-5), (k, p[k], g[k])
+        assert 1 <= g['pad_ratio'] < p['pad_ratio'] and (g['pad_ratio'] == 1) == pack, (p['pad_ratio'], g['pad_ratio'])
 
 
 # -----------------------------------------------------------------------------
