@@ -26,6 +26,7 @@ import torch
 import configurator
 import data
 import engine
+import optim
 import train
 
 PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2), random weights
@@ -148,7 +149,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     """per-gpu bytes of train.py running cfg on world ranks: the components, the peak of each phase, the bytes a card
     needs for the largest (peak + ALLOWANCE), and the largest micro_batch_size and rollout batch that fit gpu_bytes;
     sync_bytes: what grad_sync 'micro' sends per rank per optimizer step beyond 'step'.
-    opt: (fp32 temporaries per element, elements per chunk or None for whole parameters); default train.AdamW's."""
+    opt: (fp32 temporaries per element, elements per chunk or None for whole parameters); default optim.AdamW's."""
     W, N, V, h, L, Lp = world, n_params(s), s['V'], s['h'], s['L'], layer_params(s)
     mb, ob = train.DTYPES[cfg['master_dtype']].itemsize, train.DTYPES[cfg['optim_dtype']].itemsize
     fsdp, rl = W > 1, cfg['mode'] != 'sft'
@@ -166,7 +167,7 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     if rl and cfg['overlap']:  # as the trainer computes: fsdp2 on gpus bf16; one gpu what autocast computes with (bf16
         # Linear weights, a tied lm_head's own among them, the embedding and norms in the master dtype); cpu the master
         c['inference copy (overlap)'] = (N * 2 if fsdp else N * 2 + V * h * (mb if s['tied'] else mb - 2)) if cuda else N * mb
-    temps, chunk = opt or (train.AdamW.TEMPS, train.AdamW.CHUNK)
+    temps, chunk = opt or (optim.AdamW.TEMPS, optim.AdamW.CHUNK)
     c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
     # weights in compute precision: autocast caches a bf16 copy of every weight for the whole forward (and the lm_head's
     # stays saved for backward; the first recompute, in autograd's device thread, ends the cache, which is
@@ -458,7 +459,7 @@ def bench_train(model, tok, args, amp: bool) -> dict:
         model.float()  # fp32 master weights under bf16 autocast, as train.py on one GPU
     if args.ckpt_layers:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
-    opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.bfloat16)
+    opt = optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.bfloat16)
     B, T = args.micro_batch, args.seq_len
     ids = torch.randint(0, min(tok.n_vocab, 256), (B, T), device=args.device)
     attn = torch.ones_like(ids)

@@ -17,6 +17,7 @@ import torch
 
 import checkpoint
 import data
+import optim
 import train
 
 ARGS = ['config/tiny.py', '--ckpt_interval=3', '--batch_size=16', '--micro_batch_size=4']  # lr_decay_iters from the
@@ -168,7 +169,7 @@ def tiny():
     tok = data.Tokenizer.bytes_level()
     cfg = dict(init_from='scratch', n_layer=1, n_head=2, n_kv_head=1, n_embd=32, n_ff=64, master_dtype='fp32', seed=0)
     model = train.build_model(cfg, tok)
-    opt = train.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.float32)
+    opt = optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=torch.float32)
     return model, opt, tok
 
 
@@ -248,7 +249,7 @@ def test_normal_save_moves_ckpt_and_removes_old(tiny, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['ckpt', 'ckpt_000002']
     assert_loads_as(str(tmp_path / 'ckpt'), w2, 2)
     # the moments by parameter name, full size: any world size can reshard them; the rest is json
-    opt2 = train.AdamW(model.parameters(), lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, state_dtype=torch.float32)
+    opt2 = optim.AdamW(model.parameters(), lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, state_dtype=torch.float32)
     state, rs = checkpoint.load_checkpoint(str(tmp_path / 'ckpt'), dict(model.named_parameters()), opt2, rank=0,
                                       world=1)
     assert state['world_size'] == 1 and rs == {'rng': [1, 2]} and opt2.param_groups[0]['lr'] == 1e-3

@@ -18,6 +18,7 @@ import bench
 import checkpoint
 import data
 import engine
+import optim
 import train
 from test_bench import bench_main
 
@@ -77,7 +78,7 @@ def resident_bytes(m, opt) -> int:
             + sum(t.nbytes for st in opt.state.values() for t in (st['m'], st['v'])))
 
 
-def measured_step(s: dict, cfg: dict, device='cpu', prompt_len=32, mesh=None, chunk=train.AdamW.CHUNK) -> tuple:
+def measured_step(s: dict, cfg: dict, device='cpu', prompt_len=32, mesh=None, chunk=optim.AdamW.CHUNK) -> tuple:
     """train.py's step as a run does it (micro-batches of micro_batch_size, then one AdamW step of chunk-element pieces;
     FSDP2-sharded over mesh when given), measured from the second step on (the moments exist) -> (model, optimizer,
     resident weights + moments + the peak above them)"""
@@ -90,7 +91,7 @@ def measured_step(s: dict, cfg: dict, device='cpu', prompt_len=32, mesh=None, ch
         m.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
     if mesh is not None:
         m = train.shard(m, mesh, None)
-    opt = train.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=train.DTYPES[cfg['optim_dtype']],
+    opt = optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=train.DTYPES[cfg['optim_dtype']],
                       chunk=chunk)
     ids = torch.randint(0, s['n_tok'], (B, T), device=device)
     attn = torch.ones_like(ids)
@@ -350,7 +351,7 @@ CHUNK = 2 ** 16
 
 def fsdp_steps(W: int) -> dict:
     """name -> (cfg, its plan at world W, the plan of the other grad_sync value) of each step the 2-rank test measures"""
-    plan = lambda cfg: bench.plan_memory(cfg, W, FSDP_SHAPE, 2 ** 40, cuda=False, opt=(train.AdamW.TEMPS, CHUNK))
+    plan = lambda cfg: bench.plan_memory(cfg, W, FSDP_SHAPE, 2 ** 40, cuda=False, opt=(optim.AdamW.TEMPS, CHUNK))
     cases = {}
     for sync, other, ckpt in (('micro', 'step', False), ('step', 'micro', True)):
         cfg = cfg_of(mode='sft', micro_batch_size=1, batch_size=8 * W, max_seq_len=16, logprob_chunk=16,

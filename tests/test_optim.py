@@ -1,4 +1,4 @@
-"""train.AdamW on CPU: its chunked foreach step against a per-parameter reference loop (the spec), and its state across
+"""optim.AdamW on CPU: its chunked foreach step against a per-parameter reference loop (the spec), and its state across
 a checkpoint (moments keep their dtype, a resumed run equals the uninterrupted one).
 
     python -m pytest tests/test_optim.py -q
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import checkpoint
-import train
+import optim
 from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ReferenceAdamW(torch.optim.Optimizer):
-    """AdamW one parameter at a time, in fp32 from moments stored in state_dtype: the semantics train.AdamW keeps."""
+    """AdamW one parameter at a time, in fp32 from moments stored in state_dtype: the semantics optim.AdamW keeps."""
 
     def __init__(self, params, lr: float, betas: tuple, weight_decay: float, state_dtype: torch.dtype, eps=1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
@@ -86,7 +86,7 @@ def test_foreach_step_equals_the_per_parameter_loop(master, state_dtype):
     # bit-equal, every dtype: on CPU the foreach ops run the same per-tensor kernels, in the reference's order,
     # and w - lr * u is computed as w + (-lr * u), the same float. (a cuda foreach kernel may differ by an ulp)
     ref, new = make_model(master), make_model(master)
-    opt_ref, opt_new = adam(ReferenceAdamW, ref, state_dtype), adam(train.AdamW, new, state_dtype, chunk=CHUNK)
+    opt_ref, opt_new = adam(ReferenceAdamW, ref, state_dtype), adam(optim.AdamW, new, state_dtype, chunk=CHUNK)
     for s in range(6):
         run(ref, opt_ref, 1, s), run(new, opt_new, 1, s)
         for k in SHAPES:
@@ -101,12 +101,12 @@ def test_foreach_step_equals_the_per_parameter_loop(master, state_dtype):
 
 
 def test_chunks_cover_every_element_once_and_are_full(monkeypatch):
-    chunks, update = [], train.AdamW._update
-    monkeypatch.setattr(train.AdamW, '_update', lambda self, pieces, group: (
+    chunks, update = [], optim.AdamW._update
+    monkeypatch.setattr(optim.AdamW, '_update', lambda self, pieces, group: (
         chunks.append([p[0].numel() for p in pieces]), update(self, pieces, group)))
     model = make_model(torch.float32)
     set_grads(model, 0)  # 'skip' has no grad
-    adam(train.AdamW, model, torch.bfloat16, chunk=CHUNK).step()
+    adam(optim.AdamW, model, torch.bfloat16, chunk=CHUNK).step()
     assert max(map(sum, chunks)) <= CHUNK and len(chunks) > 400 // CHUNK
     assert sum(map(sum, chunks)) == sum(p.numel() for k, p in model.items() if k != 'skip')
     assert all(sum(c) + nxt[0] > CHUNK for c, nxt in zip(chunks, chunks[1:])), "greedy: no two chunks could merge"
@@ -115,19 +115,19 @@ def test_chunks_cover_every_element_once_and_are_full(monkeypatch):
 @pytest.mark.parametrize('master,state_dtype', DTYPES)
 def test_state_round_trips(master, state_dtype, tmp_path):
     a = make_model(master)
-    opt = adam(train.AdamW, a, state_dtype, chunk=CHUNK)
+    opt = adam(optim.AdamW, a, state_dtype, chunk=CHUNK)
     run(a, opt, 3)
     b, c = copy.deepcopy(a), copy.deepcopy(a)
     # deep copies: on cpu both hold the live moments, which the next steps update in place
     saved, saved_torch = checkpoint.save_state(str(tmp_path / 'state'), dict(a.named_parameters()), opt), copy.deepcopy(opt.state_dict())
     run(a, opt, 3, start=3)
-    opt_b = adam(train.AdamW, b, state_dtype, chunk=CHUNK)  # the resume path: moments by name, into state_dtype
+    opt_b = adam(optim.AdamW, b, state_dtype, chunk=CHUNK)  # the resume path: moments by name, into state_dtype
     checkpoint.load_state(str(tmp_path / 'state'), dict(b.named_parameters()), opt_b, saved)
     run(b, opt_b, 3, start=3)
     for k in SHAPES:
         assert opt_b.state[b[k]]['m'].dtype == state_dtype and torch.equal(a[k], b[k]), k
     if master == state_dtype:  # torch's load_state_dict casts floating state to the parameter's dtype
-        opt_c = adam(train.AdamW, c, state_dtype, chunk=CHUNK)
+        opt_c = adam(optim.AdamW, c, state_dtype, chunk=CHUNK)
         opt_c.load_state_dict(saved_torch)
         run(c, opt_c, 3, start=3)
         assert all(torch.equal(a[k], c[k]) for k in SHAPES)
@@ -141,11 +141,11 @@ def adam_run(steps, path, resume_at=None):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 8, bias=False)
     w = model.weight
-    opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
+    opt = optim.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
     for s in range(steps):
         if s == resume_at:  # a new optimizer from the saved state, as --init_from=resume builds it
             sd = checkpoint.save_state(path, {'weight': w}, opt)
-            opt = train.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
+            opt = optim.AdamW([w], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=torch.bfloat16)
             checkpoint.load_state(path, {'weight': w}, opt, sd)
         w.grad = torch.sin(w.detach() * (s + 1))
         opt.step()

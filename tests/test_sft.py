@@ -10,6 +10,7 @@ import torch
 
 import bench
 import data
+import optim
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +185,7 @@ def small_update_delta(tok, examples, master, state_dtype):
     if master == 'bf16':
         model = model.to(torch.bfloat16)  # the seed's budget: bf16 weights updated in place
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = train.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=state_dtype)
+    opt = optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, state_dtype=state_dtype)
     for s in range(5):
         ids, attn, mask = data.collate_sft(examples[8 * s:8 * s + 8], 0)
         lp = train.token_logprobs(model, ids, attn, ids.shape[1] - 1, vocab=tok.n_vocab)
