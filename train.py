@@ -95,8 +95,9 @@ grad_clip = 1.0  # 0 disables
 max_skips = 3  # a step whose loss or gradient norm is not finite is skipped; more in a row than this stop the run
 batch_size = 64  # global per step, whatever the world size: sft examples | rl prompts (x group_size samples)
 micro_batch_size = 4  # sequences per forward/backward on each rank
-micro_batch_tokens = 0  # sft and rl updates: > 0 groups sequences by length, longest first, into micro-batches of at most this
-# many padded tokens (and micro_batch_size rows): less padding, the same gradient; 0: micro_batch_size rows in data order
+micro_batch_tokens = 0  # sft and rl updates: > 0 groups sequences by length, longest first, into micro-batches of at
+# most this many padded tokens (and micro_batch_size rows): less padding, the same gradient; 0: micro_batch_size rows in
+# data order
 pack = False  # sft and rl updates: each micro-batch's sequences end to end in one row, no padding (micro_batch_tokens then
 # counts real tokens); attention stays within each sequence (on gpus torch's variable-length flash kernel)
 grad_sync = 'micro'  # fsdp2: 'micro' reduce-scatters every micro-batch's gradients (each rank holds its 1/world shard);
@@ -187,8 +188,8 @@ def choose_sdpa():
 
 
 def cpu_bf16_units() -> bool:
-    """whether this cpu multiplies bf16 in hardware (amx tiles, avx512-bf16); without them bf16 matmuls are converted
-    to fp32 in software, 5-50x slower than fp32 ones."""
+    """whether this cpu multiplies bf16 in hardware (amx tiles, avx512-bf16); without them a bf16 matmul takes a
+    software path, 6-9x slower than fp32's on an avx2 epyc (docs/results.md)."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
