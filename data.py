@@ -119,20 +119,27 @@ def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace
 
     'chain': `7 - 3 + 9 = ?`, the trace keeps a running total. 'column': `457 + 389 = ?`, the trace adds column by
     column from the right with carries (`7+9=16`, `5+8+1=14`, `4+3+1=8`), which a tiny model can follow but
-    cannot shortcut. with trace_frac < 1 some traces skip the steps (`<think></think>` then the answer)."""
+    cannot shortcut. 'words': a chain told as a story (`Mia has 23 shells. Then she finds 15 more. ...`), never
+    below 0, with chain's trace; the split goes by the numbers, so no arithmetic of a test story is trained on under
+    other names. with trace_frac < 1 some traces skip the steps (`<think></think>` then the answer)."""
     rng = random.Random(f'{seed}-{split}')
     rows, seen, lo, hi = [], set(), 10 ** (digits - 1), 10 ** digits - 1
     for _ in range(100 * n):  # small settings have fewer distinct problems than asked for: stop, don't spin
         if len(rows) == n:
             break
         nums = [rng.randint(lo, hi) for _ in range(terms)]
-        ops = [rng.choice('+-') if task == 'chain' else '+' for _ in range(terms - 1)]
+        ops = [rng.choice('+-') if task != 'column' else '+' for _ in range(terms - 1)]
+        if task == 'words':  # a story's count never goes below 0
+            acc = nums[0]
+            for i, x in enumerate(nums[1:]):
+                ops[i] = '+' if x > acc else ops[i]
+                acc += x if ops[i] == '+' else -x
         q = ' '.join([str(nums[0])] + [f'{o} {x}' for o, x in zip(ops, nums[1:])])
         if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == 'test'):  # 10% of problems are test
             continue
         seen.add(q)
         steps, acc = [], nums[0]
-        if task == 'chain':
+        if task != 'column':
             for o, x in zip(ops, nums[1:]):
                 new = acc + x if o == '+' else acc - x
                 steps.append(f'{acc} {o} {x} = {new}')
@@ -144,8 +151,22 @@ def arith_problems(n: int, split: str, seed: int, terms: int, digits: int, trace
                 steps.append('+'.join(map(str, col)) + f'={sum(col)}')
                 carry = sum(col) // 10
         shown = rng.random() < trace_frac
-        rows.append({'question': f'{q} = ?', 'reasoning': '\n'.join(steps) if shown else '', 'answer': str(acc)})
+        question = story(nums, ops, rng) if task == 'words' else f'{q} = ?'
+        rows.append({'question': question, 'reasoning': '\n'.join(steps) if shown else '', 'answer': str(acc)})
     return rows
+
+
+STORY = {'names': (('Mia', 'she'), ('Leo', 'he'), ('Ava', 'she'), ('Sam', 'he'), ('Zoe', 'she'), ('Ben', 'he')),
+         'things': ('apples', 'shells', 'marbles', 'stickers', 'coins', 'cards', 'books', 'stamps'),
+         '+': ('finds {} more', 'buys {} more', 'is given {} more', 'picks up {} more'),
+         '-': ('gives away {}', 'loses {}', 'sells {}', 'uses {}')}
+
+
+def story(nums: list[int], ops: list[str], rng: random.Random) -> str:
+    """arith's 'words' question: the chain nums[0] ops[0] nums[1] ... told as a story."""
+    (name, pron), thing = rng.choice(STORY['names']), rng.choice(STORY['things'])
+    steps = [f"Then {pron} {rng.choice(STORY[o]).format(x)}." for o, x in zip(ops, nums[1:])]
+    return ' '.join([f"{name} has {nums[0]} {thing}."] + steps + [f"How many {thing} does {name} have now?"])
 
 
 def to_rows(raw: list[dict], question_field: str, answer_field: str, reasoning_field: str, source: str,

@@ -74,7 +74,8 @@ max_seq_len = 1024  # sft: longer examples are dropped and counted in the log
 arith_terms = 3  # 'arith': numbers per problem (terms - 1 operations)
 arith_digits = 2  # 'arith': digits per number
 arith_trace_frac = 1.0  # 'arith': fraction of sft traces that show the steps; the rest answer with an empty think
-arith_task = 'chain'  # 'arith': 'chain' (+/- with a running total) | 'column' (sums added column by column)
+arith_task = 'chain'  # 'arith': 'chain' (+/- with a running total) | 'column' (sums added column by column) |
+# 'words' (a chain told as a story, for pretrained models)
 # model ('scratch' only: a Qwen2-architecture model with random weights and an offline byte tokenizer)
 n_layer = 2
 n_head = 4
@@ -585,7 +586,8 @@ def validate(c: dict, world: int):
     for k in ('beta1', 'beta2'):
         need(0 <= c[k] < 1, f"{k} = {c[k]}, expected in [0, 1)")
     need(0 <= c['arith_trace_frac'] <= 1, f"arith_trace_frac = {c['arith_trace_frac']}, expected in [0, 1]")
-    need(c['arith_task'] in ('chain', 'column'), f"arith_task = {c['arith_task']!r}, expected 'chain' or 'column'")
+    need(c['arith_task'] in ('chain', 'column', 'words'),
+         f"arith_task = {c['arith_task']!r}, expected 'chain', 'column' or 'words'")
     need(c['arith_terms'] >= 2 and c['arith_digits'] >= 1,
          f"arith_terms = {c['arith_terms']}, arith_digits = {c['arith_digits']}, expected >= 2 and >= 1")
     need(c['micro_batch_tokens'] >= 0, f"micro_batch_tokens = {c['micro_batch_tokens']}, expected >= 0 (0: off)")

@@ -105,6 +105,35 @@ def test_arith_traces_add_up_and_splits_are_disjoint(task, terms, digits):
             assert lines[-1].split(' = ')[1] == r['answer']
 
 
+def story_numbers(question: str) -> list[int]:
+    return [int(w) for w in question.replace('.', ' ').split() if w.isdigit()]
+
+
+def test_arith_words_tells_the_chain_as_a_story():
+    rows = data.arith_problems(3000, 'train', 5, 3, 2, task='words')
+    test_rows = data.arith_problems(300, 'test', 5, 3, 2, task='words')
+    # held out by the numbers: no test story's arithmetic is trained on, under any names or things
+    assert not {tuple(story_numbers(r['question'])) for r in rows} & {tuple(story_numbers(r['question'])) for r in test_rows}
+    for r in rows + test_rows:
+        q, lines = r['question'], r['reasoning'].split('\n')
+        name, thing = q.split()[0], q.split()[3].rstrip('.')
+        assert q.endswith(f'How many {thing} does {name} have now?'), q
+        nums, total = story_numbers(q), story_numbers(q)[0]
+        assert len(lines) == 2 and len(nums) == 3
+        for line, x, sentence in zip(lines, nums[1:], q.split('. ')[1:3]):  # each step is the sentence it tells
+            lhs, rhs = line.split(' = ')
+            op = '+' if sentence.endswith('more') else '-'
+            assert lhs == f'{total} {op} {x}', (q, line)
+            total = total + x if op == '+' else total - x
+            assert int(rhs) == total >= 0, (q, line)  # never below 0
+        assert r['answer'] == str(total)
+    assert sum(' - ' in r['reasoning'] for r in rows) > len(rows) / 3  # both kinds of step
+    r = data.arith_problems(1, 'train', 1, 2, 2, task='words')[0]
+    assert r == {'question': 'Zoe has 81 shells. Then she sells 53. How many shells does Zoe have now?',
+                 'reasoning': '81 - 53 = 28', 'answer': '28'}  # the chain's first problem of the same seed, told
+    assert data.arith_problems(1, 'train', 1, 2, 2, task='chain')[0]['question'] == '81 - 53 = ?'
+
+
 def test_arith_trace_frac_skips_that_share_of_traces():
     rows = data.arith_problems(4000, 'train', 0, 2, 3, trace_frac=0.3, task='column')
     shown = sum(r['reasoning'] != '' for r in rows) / len(rows)
