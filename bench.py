@@ -33,6 +33,8 @@ PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2)
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ff=512, vocab=None),
     'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936, n_tok=151665,
                    hf='Qwen/Qwen2.5-3B'),
+    'qwen7b': dict(n_layer=28, n_head=28, n_kv_head=4, n_embd=3584, n_ff=18944, vocab=152064, n_tok=151665,
+                   hf='Qwen/Qwen2.5-7B', tied=False),
 }  # n_tok: the real tokenizer's size (Qwen2.5: 151,665 ids, 151,936 embedding rows); the log-softmax and sampler span it
 # hf: the hub model whose shapes a preset is (--memory plans it from the preset when it is not in the HF cache)
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16
@@ -119,7 +121,8 @@ def model_shape(cfg: dict, preset: str = '') -> tuple[dict, str]:
 def preset_shape(name: str) -> dict:
     p = PRESETS[name]
     return dict(L=p['n_layer'], h=p['n_embd'], H=p['n_head'], Hkv=p['n_kv_head'], D=p['n_embd'] // p['n_head'],
-                ff=p['n_ff'], V=p['vocab'] or 320, n_tok=p.get('n_tok') or p['vocab'] or 320, tied=True, bias=True)
+                ff=p['n_ff'], V=p['vocab'] or 320, n_tok=p.get('n_tok') or p['vocab'] or 320, tied=p.get('tied', True),
+                bias=True)
 
 
 def layer_params(s: dict) -> int:
@@ -145,12 +148,14 @@ def act_bytes(s: dict, regime: str, a: int = 4) -> tuple[int, int, int]:
 
 
 def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool = True, prompt_len: int = 256,
-                opt: tuple | None = None) -> dict:
+                opt: tuple | None = None, replicas: int = 1) -> dict:
     """per-gpu bytes of train.py running cfg on world ranks: the components, the peak of each phase, the bytes a card
     needs for the largest (peak + ALLOWANCE), and the largest micro_batch_size and rollout batch that fit gpu_bytes;
-    sync_bytes: what grad_sync 'micro' sends per rank per optimizer step beyond 'step'.
+    sync_bytes: what grad_sync 'micro' sends per rank per optimizer step beyond 'step'. replicas > 1 (hsdp): the
+    states are sharded over world / replicas ranks, the batch still split over all.
     opt: (fp32 temporaries per element, elements per chunk or None for whole parameters); default optim.AdamW's."""
     W, N, V, h, L, Lp = world, n_params(s), s['V'], s['h'], s['L'], layer_params(s)
+    Sh = W // replicas  # ranks a state is sharded over
     mb, ob = train.DTYPES[cfg['master_dtype']].itemsize, train.DTYPES[cfg['optim_dtype']].itemsize
     fsdp, rl = W > 1, cfg['mode'] != 'sft'
     regime = ('fsdp' if fsdp else 'autocast') if cuda else 'plain'
@@ -158,17 +163,17 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     n_seq = cfg['batch_size'] // W * (cfg['group_size'] if rl else 1)  # sequences per rank per optimizer step
     # fsdp2 without gradient sync (grad_sync 'step': every micro-batch but the last) accumulates each rank's whole
     # unsharded gradients in reduce_dtype, fp32, until the last backward reduce-scatters them; 'micro' reduce-scatters
-    # after every backward, so only the 1/W shard accumulates. one micro-batch accumulates nothing, one rank shards nothing
+    # after every backward, so only the 1/Sh shard accumulates. one micro-batch accumulates nothing, one rank shards nothing
     unsynced = lambda B: N * 4 if fsdp and cfg['grad_sync'] == 'step' and n_seq > B else 0
-    c = {'master weights': N * mb / W, 'gradients': N * mb / W,
-         UNSYNCED: unsynced(cfg['micro_batch_size']), 'adam moments': 2 * N * ob / W,
-         'reference (grpo)': N * (2 if cuda and fsdp else mb) / W if cfg['mode'] == 'grpo' and cfg['beta'] > 0 else 0,
+    c = {'master weights': N * mb / Sh, 'gradients': N * mb / Sh,
+         UNSYNCED: unsynced(cfg['micro_batch_size']), 'adam moments': 2 * N * ob / Sh,
+         'reference (grpo)': N * (2 if cuda and fsdp else mb) / Sh if cfg['mode'] == 'grpo' and cfg['beta'] > 0 else 0,
          'inference copy (overlap)': 0}
     if rl and cfg['overlap']:  # as the trainer computes: fsdp2 on gpus bf16; one gpu what autocast computes with (bf16
         # Linear weights, a tied lm_head's own among them, the embedding and norms in the master dtype); cpu the master
         c['inference copy (overlap)'] = (N * 2 if fsdp else N * 2 + V * h * (mb if s['tied'] else mb - 2)) if cuda else N * mb
     temps, chunk = opt or (optim.AdamW.TEMPS, optim.AdamW.CHUNK)
-    c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / W) if chunk else max(V * h, s['ff'] * h) / W)
+    c['optimizer step temporaries'] = temps * 4 * (min(chunk, N / Sh) if chunk else max(V * h, s['ff'] * h) / Sh)
     # weights in compute precision: autocast caches a bf16 copy of every weight for the whole forward (and the lm_head's
     # stays saved for backward; the first recompute, in autograd's device thread, ends the cache, which is
     # process-wide, at the backward's start); fsdp2 keeps the root (embedding = tied lm_head) gathered from forward to
@@ -219,9 +224,10 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
             p['overlapped'] = peak + r['kv cache'] + r['decode logits']
     out = {'components': c, 'peaks': p, 'peak': max(p.values()), 'n_params': N, 'regime': regime, 'T': T}
     # 'micro' reduce-scatters the N x 4 bytes of fp32 gradients after each micro-batch instead of once a step: a ring
-    # reduce-scatter sends (W - 1) / W of them from each rank
+    # reduce-scatter sends (Sh - 1) / Sh of them from each rank, and under hsdp a ring all-reduce of the 1/Sh shard
+    # across the replicas 2 (replicas - 1) / replicas of that
     out['n_micro'] = -(-n_seq // cfg['micro_batch_size'])
-    out['sync_bytes'] = (out['n_micro'] - 1) * (W - 1) / W * N * 4
+    out['sync_bytes'] = (out['n_micro'] - 1) * ((Sh - 1) / Sh + 2 * (replicas - 1) / replicas / Sh) * N * 4
     out['need'] = need(out['peak'])
     out['fits'] = out['need'] <= gpu_bytes
     out['max_micro'] = {ck: max([b for b in range(1, n_seq + 1) if need(step(b, ck)[0]) <= gpu_bytes]
@@ -235,22 +241,25 @@ def plan_memory(cfg: dict, world: int, s: dict, gpu_bytes: float, *, cuda: bool 
     return out
 
 
-def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, prompt_len: int) -> str:
+def memory_report(argv: list[str], world: int, gpu_gb: float, preset: str, prompt_len: int, replicas: int = 1) -> str:
     """bench.py --memory: the plan of a config (+ overrides) beside the seed's precision scheme and the seed's table"""
     cfg = {k: getattr(train, k) for k in train.config_keys}
     with contextlib.redirect_stdout(io.StringIO()):  # its 'override:' lines
         configurator.configure(cfg, argv)
+    if replicas < 1 or world % replicas:
+        raise SystemExit(f"bench.py --memory: --replicas {replicas} must be >= 1 and divide --world {world}")
     if cfg['batch_size'] % world:
         raise SystemExit(f"bench.py --memory: batch_size = {cfg['batch_size']} must be divisible by --world {world}, as in "
                          f"train.py (each rank takes an equal share)")
     s, src = model_shape(cfg, preset)
     gpu, cuda = gpu_gb * GiB, cfg['device'].startswith('cuda')
-    plan = lambda c: plan_memory(c, world, s, gpu, cuda=cuda, prompt_len=prompt_len)
+    plan = lambda c: plan_memory(c, world, s, gpu, cuda=cuda, prompt_len=prompt_len, replicas=replicas)
     ours = plan(cfg)
     seed = plan(dict(cfg, master_dtype='bf16', optim_dtype='fp32'))  # the seed's bf16 weights and grads, fp32 adam
     g = lambda b: f"{b / GiB:7.2f}"
     N = ours['n_params']
-    lines = [f"memory plan: {' '.join(argv)} | {src}: {f'{N / 1e9:.2f}B' if N >= 1e9 else f'{N / 1e6:.2f}M'} params | world {world} | "
+    lines = [f"memory plan: {' '.join(argv)} | {src}: {f'{N / 1e9:.2f}B' if N >= 1e9 else f'{N / 1e6:.2f}M'} params | world {world}"
+             f"{f' (hsdp: {replicas} replicas x {world // replicas} shards)' if replicas > 1 else ''} | "
              f"{'cuda, ' + ours['regime'] if cuda else 'cpu'} | per gpu, GiB | card {gpu_gb:g} GiB",
              f"{'':44}{'seed scheme':>12}{'this config':>12}   (seed: bf16 weights + fp32 adam; this: master "
              f"{cfg['master_dtype']}, adam {cfg['optim_dtype']})"]
@@ -639,6 +648,7 @@ def main(argv: list[str]):
     ap.add_argument('--card', default='', help=f"bandwidth table entry when not on cuda: {', '.join(PEAK_BW)}")
     ap.add_argument('--world', type=int, default=2, help="--memory: ranks (gpus) the run shards over")
     ap.add_argument('--gpu_gb', type=float, default=24, help="--memory: memory of one card, GiB")
+    ap.add_argument('--replicas', type=int, default=1, help="--memory: hsdp replica groups (train.py's replicas)")
     ap.add_argument('--memory', nargs=argparse.REMAINDER, default=None,
                     help="train.py config and overrides (last on the line): the per-gpu memory plan")
     ap.add_argument('--rl', nargs=argparse.REMAINDER, default=None,
@@ -650,7 +660,7 @@ def main(argv: list[str]):
                     help="train.py arguments (last on the line): time its rl steps sequential and overlapped")
     args = ap.parse_args(argv)
     # bench's own options may also follow the train.py arguments: --overlap config/demo_rl.py --repeats 2
-    own = {'memory': (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int)),
+    own = {'memory': (('world', int), ('gpu_gb', float), ('preset', str), ('prompt_len', int), ('replicas', int)),
            'rl': (), 'overlap': (('repeats', int), ('card', str)), 'update': (('repeats', int), ('spread', str))}
     for name, keys in own.items():
         if getattr(args, name) is not None and keys:
@@ -660,7 +670,8 @@ def main(argv: list[str]):
             m, rest = mp.parse_known_args(getattr(args, name))
             vars(args).update(vars(m), **{name: rest})
     if args.memory is not None:
-        print(memory_report(args.memory, args.world, args.gpu_gb, args.preset or '', args.prompt_len or 256))
+        print(memory_report(args.memory, args.world, args.gpu_gb, args.preset or '', args.prompt_len or 256,
+                            args.replicas))
         return
     if args.rl is not None:
         r = bench_rl(args.rl)

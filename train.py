@@ -101,6 +101,7 @@ micro_batch_tokens = 0  # sft and rl updates: > 0 groups sequences by length, lo
 # data order
 pack = False  # sft and rl updates: each micro-batch's sequences end to end in one row, no padding (micro_batch_tokens then
 # counts real tokens); attention stays within each sequence (on gpus torch's variable-length flash kernel)
+replicas = 1  # hsdp: shard within groups of world / replicas ranks (a node), replicate across the groups; 1: flat fsdp
 grad_sync = 'micro'  # fsdp2: 'micro' reduce-scatters every micro-batch's gradients (each rank holds its 1/world shard);
 # 'step' reduces once per step, one collective instead of n_micro, but each rank accumulates full fp32 gradients
 master_dtype = 'fp32'  # 'fp32' | 'bf16': fp32 master weights apply 1e-6-sized updates; bf16 loses them
@@ -590,6 +591,8 @@ def validate(c: dict, world: int):
          f"arith_task = {c['arith_task']!r}, expected 'chain', 'column' or 'words'")
     need(c['arith_terms'] >= 2 and c['arith_digits'] >= 1,
          f"arith_terms = {c['arith_terms']}, arith_digits = {c['arith_digits']}, expected >= 2 and >= 1")
+    need(c['replicas'] >= 1 and world % c['replicas'] == 0,
+         f"replicas = {c['replicas']}, expected >= 1 and dividing the world size ({world})")
     need(c['micro_batch_tokens'] >= 0, f"micro_batch_tokens = {c['micro_batch_tokens']}, expected >= 0 (0: off)")
     need(c['lr_decay_iters'] >= c['warmup_iters'] >= 0,
          f"lr_decay_iters ({c['lr_decay_iters']}) must be >= warmup_iters ({c['warmup_iters']}) >= 0")
@@ -661,7 +664,9 @@ def setup(config: dict) -> Run:
             r.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(r.device)
         dist.init_process_group('nccl' if r.device.startswith('cuda') else 'gloo')
-        r.mesh = init_device_mesh('cuda' if r.device.startswith('cuda') else 'cpu', (r.world,))
+        # replicas > 1: a 2-d mesh, on which fully_shard shards along 'shard' and replicates along 'replicate' (hsdp)
+        shape, names = ((r.replicas, r.world // r.replicas), ('replicate', 'shard')) if r.replicas > 1 else ((r.world,), None)
+        r.mesh = init_device_mesh('cuda' if r.device.startswith('cuda') else 'cpu', shape, mesh_dim_names=names)
     r.cuda = r.device.startswith('cuda')
     if r.cuda:
         choose_sdpa()

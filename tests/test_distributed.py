@@ -6,11 +6,18 @@ The training runs share four fixtures (each a few seconds of 2-core CPU), all wi
   b2: as b1 on 2 ranks (torchrun, gloo, FSDP2), each rank's 8 examples grouped by length and packed end to end into
       micro-batches of at most 256 tokens (as many on both ranks)
   c:  1 rank, one micro-batch of 16, 3 steps
+  h:  as b1, its first leg a 2-node job (two torchrun launchers on this machine, 2 ranks each) as hsdp (replicas=2:
+      a replica group per node, sharded within it), resumed on 1 rank
 """
 import json
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -20,6 +27,7 @@ import data
 import optim
 import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['config/tiny.py', '--ckpt_interval=3', '--batch_size=16', '--micro_batch_size=4']  # lr_decay_iters from the
 # config (60), not max_iters, so every leg follows one schedule
 
@@ -43,10 +51,11 @@ def run_a(run_train, tmp_path_factory):
     return out
 
 
-def interrupted(run_train, out, nproc, extra=()):
+def interrupted(run_train, out, nproc, extra=(), nproc2=None, extra2=None):
     run_train(ARGS + [f'--out_dir={out}', '--max_iters=3', *extra], nproc=nproc)
     shutil.copytree(os.path.realpath(out / 'ckpt'), out / 'leg1_ckpt')  # step 3, before resume replaces it
-    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume', *extra], nproc=nproc)
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume', *(extra if extra2 is None else extra2)],
+              nproc=nproc if nproc2 is None else nproc2)
     return out
 
 
@@ -58,6 +67,30 @@ def run_b1(run_train, tmp_path_factory):
 @pytest.fixture(scope='module')
 def run_b2(run_train, tmp_path_factory):
     return interrupted(run_train, tmp_path_factory.mktemp('b2'), 2, ['--pack=True', '--micro_batch_tokens=256'])
+
+
+def two_nodes(args: list, nproc_per_node: int) -> list[subprocess.Popen]:
+    """train.py as a 2-node job on this machine: two torchrun launchers (--nnodes=2, a --node_rank each) meeting at
+    one endpoint, as two machines meet at the first one's address"""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    cmd = lambda i: [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--nproc_per_node={nproc_per_node}',
+                     f'--node_rank={i}', '--master_addr=127.0.0.1', f'--master_port={port}', 'train.py', *map(str, args)]
+    return [subprocess.Popen(cmd(i), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True) for i in (0, 1)]
+
+
+@pytest.fixture(scope='module')
+def run_h(run_train, tmp_path_factory):
+    out = tmp_path_factory.mktemp('h')
+    nodes = two_nodes(ARGS + [f'--out_dir={out}', '--max_iters=3', '--replicas=2'], nproc_per_node=2)
+    for node in nodes:
+        o, e = node.communicate(timeout=300)
+        assert node.returncode == 0, o[-2000:] + e[-3000:]
+    shutil.copytree(os.path.realpath(out / 'ckpt'), out / 'leg1_ckpt')
+    run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume'])
+    return out
 
 
 @pytest.fixture(scope='module')
@@ -94,6 +127,53 @@ def test_two_ranks_match_one_rank(run_a, run_b2):
     assert_same(b[:3], a[:3], 1e-5, '2 ranks vs 1 rank, steps 1-3')
     assert_same(b[3:], a[3:], 1e-5, '2 ranks resumed at step 3 vs 1 rank uninterrupted, steps 4-6')
     assert json.load(open(run_b2 / 'ckpt' / 'train_state.json'))['world_size'] == 2
+
+
+@pytest.mark.slow
+def test_hsdp_matches_one_rank_and_resumes_on_one(run_a, run_h):
+    # 2 replica groups of 2 shards: each group reduce-scatters within itself and all-reduces across groups, and the
+    # step-wide denominators are global, so the losses are one rank's; its checkpoint (replicated, sharded DTensors)
+    # reshards onto 1 rank, which logs steps 4-6 as the uninterrupted run does
+    a, h = metrics(run_a), metrics(run_h)
+    assert_same(h[:3], a[:3], 1e-5, 'hsdp 2 x 2 vs 1 rank, steps 1-3')
+    assert_same(h[3:], a[3:], 1e-5, 'the 2 x 2 checkpoint resumed on 1 rank vs 1 rank uninterrupted, steps 4-6')
+    assert json.load(open(run_h / 'leg1_ckpt' / 'train_state.json'))['world_size'] == 4
+    assert sorted(f for f in os.listdir(run_h / 'leg1_ckpt') if f.startswith('rank')) == [f'rank{r}.json' for r in range(4)]
+
+
+def children(pid: int) -> list[int]:
+    """the processes whose parent is pid (from /proc)"""
+    out = []
+    for d in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{d}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except OSError:  # gone meanwhile
+            continue
+        out += [int(d)] * (ppid == pid)
+    return out
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_stops_the_other_with_an_error(tmp_path):
+    # a 2-node job, 1 rank a node; after the first step node 1 dies (its launcher and its worker, SIGKILL): node 0's
+    # next collective fails on the closed connection, and its launcher exits with the failure, not a hang
+    nodes = two_nodes(ARGS + [f'--out_dir={tmp_path}', '--max_iters=100000'], nproc_per_node=1)
+    try:
+        t0 = time.time()
+        while not (tmp_path / 'metrics.jsonl').exists():
+            assert time.time() - t0 < 120 and all(n.poll() is None for n in nodes), "no first step"
+            time.sleep(0.2)
+        for pid in [nodes[1].pid] + children(nodes[1].pid):
+            os.kill(pid, signal.SIGKILL)
+        t0 = time.time()
+        out, err = nodes[0].communicate(timeout=90)  # a hang fails the test here
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    assert nodes[0].returncode != 0 and 'train.py FAILED' in err and 'Connection' in err, err[-3000:]
+    print(f"node 0 stopped {time.time() - t0:.1f} s after node 1 died")
 
 
 @pytest.mark.slow

@@ -343,6 +343,22 @@ def test_memory_cli_prints_the_plan(tmp_path):
     assert bad.returncode != 0 and "micro_batch_sise" in bad.stderr and "micro_batch_size" in bad.stderr
 
 
+def test_hsdp_shards_the_states_over_a_group_and_the_batch_over_all():
+    # 16 gpus as 2 replicas of 8: per gpu, the master weights, gradients and moments of 8-way sharding, the rows of
+    # 16-way data parallelism; 7b's preset is untied (its lm_head has its own 545M parameters)
+    cfg, s = cfg_of(mode='dapo', batch_size=64, group_size=8), bench.preset_shape('qwen7b')
+    assert not s['tied'] and round(bench.n_params(s) / 1e9, 2) == 7.62
+    hsdp, flat8, flat16 = (bench.plan_memory(cfg, w, s, 80 * 2 ** 30, replicas=k) for w, k in ((16, 2), (8, 1), (16, 1)))
+    for k in ('master weights', 'gradients', 'adam moments'):
+        assert hsdp['components'][k] == flat8['components'][k] == 2 * flat16['components'][k], k
+    assert hsdp['rows'] == flat16['rows'] == 64 * 8 // 16 and hsdp['components']['kv cache'] == flat16['components']['kv cache']
+    out = bench_main(['--memory', 'config/dapo.py', '--init_from=Qwen/Qwen2.5-7B', '--world', '16', '--replicas', '2',
+                      '--gpu_gb', '80'])
+    assert 'world 16 (hsdp: 2 replicas x 8 shards)' in out and 'preset qwen7b' in out, out
+    with pytest.raises(SystemExit, match='--replicas 3 must be >= 1 and divide --world 16'):
+        bench.memory_report(['config/dapo.py'], 16, 80, '', 256, replicas=3)
+
+
 # the 2-rank steps: 8 micro-batches of 16 tokens (activations small next to the weights) and adam in 64k-element chunks
 # (a 3b model's chunks are 2% of its shard): the gradients are a fifth of each peak, so an error of W on them shows
 FSDP_SHAPE = dict(L=8, h=128, H=4, Hkv=2, D=32, ff=512, V=256, n_tok=256, tied=True, bias=True)

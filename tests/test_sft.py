@@ -102,6 +102,7 @@ def test_prompt_and_padding_get_zero_gradient(tok, examples):
     (['--init_from=nobody/no-such-model'], "init_from = 'nobody/no-such-model': no such local directory, and the "
                                            "Hugging Face hub could not provide it (offline"),
     (['--dataset=no/such.jsonl'], "data error: dataset = 'no/such.jsonl': no such file"),
+    (['--replicas=2'], "config error: replicas = 2, expected >= 1 and dividing the world size (1)"),
 ])
 def test_train_errors_are_one_plain_line(run_train, tmp_path, monkeypatch, args, want):
     """a mistyped init_from path ends in one plain line, not the hub's "Repo id must use alphanumeric chars" message"""
