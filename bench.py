@@ -29,12 +29,18 @@ import engine
 import optim
 import train
 
-PRESETS = {  # qwen3b: the shapes of Qwen/Qwen2.5-3B (tied embeddings, GQA 16/2), random weights
+PRESETS = {  # qwenNb: the shapes of Qwen/Qwen2.5-Nb (3b tied embeddings, the others untied), random weights
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ff=512, vocab=None),
     'qwen3b': dict(n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, n_ff=11008, vocab=151936, n_tok=151665,
                    hf='Qwen/Qwen2.5-3B'),
     'qwen7b': dict(n_layer=28, n_head=28, n_kv_head=4, n_embd=3584, n_ff=18944, vocab=152064, n_tok=151665,
                    hf='Qwen/Qwen2.5-7B', tied=False),
+    'qwen14b': dict(n_layer=48, n_head=40, n_kv_head=8, n_embd=5120, n_ff=13824, vocab=152064, n_tok=151665,
+                    hf='Qwen/Qwen2.5-14B', tied=False),
+    'qwen32b': dict(n_layer=64, n_head=40, n_kv_head=8, n_embd=5120, n_ff=27648, vocab=152064, n_tok=151665,
+                    hf='Qwen/Qwen2.5-32B', tied=False),
+    'qwen72b': dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, n_ff=29568, vocab=152064, n_tok=151665,
+                    hf='Qwen/Qwen2.5-72B', tied=False),
 }  # n_tok: the real tokenizer's size (Qwen2.5: 151,665 ids, 151,936 embedding rows); the log-softmax and sampler span it
 # hf: the hub model whose shapes a preset is (--memory plans it from the preset when it is not in the HF cache)
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'RTX 4090': 165e12}  # dense bf16

@@ -6,7 +6,8 @@
 #      planner against max_memory_allocated for a 3B sft step and rl update ($out/memory_check.txt); then
 #      tests/test_recipe.py, the recipe's rehearsal on SmolLM2, on the gpu
 #   2. train.py on cuda: tiny sft; 40 overlapped dapo steps under torchrun, one rank per gpu, while nvidia-smi is
-#      sampled each second: which process (and its RANK) holds memory on which gpu ($out/gpu0_memory.txt); dr_grpo
+#      sampled each second: which process (and its RANK) holds memory on which gpu ($out/gpu0_memory.txt); with 2+
+#      gpus, dapo as hsdp (replicas=2); dr_grpo
 #      overlapped on one gpu at lr 0, its |log ratio| (trainer vs the inference copy) per step; each rl mode for 3
 #      steps on the single-GPU path (fp32 master + bf16 autocast), and every mode under torchrun with 1 rank (FSDP2 on
 #      nccl, bf16 MixedPrecisionPolicy, gathered rollouts), sequential, and dapo overlapped
@@ -52,6 +53,10 @@ while kill -0 $run 2>/dev/null; do
 done > /tmp/g-smi.txt
 wait $run
 tail -1 /tmp/g-fsdp-dapo-40.log | tee -a "$out/train.txt"
+# hsdp where there are gpus to group: 2 replica groups of gpus / 2 shards, nccl (replicas=1 is every run above)
+[ $((gpus % 2)) = 0 ] && torchrun --standalone --nproc_per_node=$gpus train.py config/tiny.py --device=cuda \
+  --init_from=/tmp/g-sft/ckpt --mode=dapo --replicas=2 --out_dir=/tmp/g-hsdp --max_iters=3 2>&1 | tail -1 \
+  | tee -a "$out/train.txt"
 { [ "$gpus" = 1 ] && echo "one gpu: one rank, so the check shows one process only (a rank >= 1 on gpu 0 needs 2+ gpus)"
   [ -s /tmp/g-smi.txt ] || echo "nvidia-smi listed no compute process while the run ran"
   nvidia-smi --query-gpu=index,uuid --format=csv,noheader | while IFS=', ' read -r i uuid; do

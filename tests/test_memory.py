@@ -193,13 +193,14 @@ def test_a_model_the_planner_cannot_read_is_a_clear_error(tmp_path):
     the HF cache (here an empty one), each one line on stderr that names init_from and asks for --preset or config.json"""
     for src, why in ((tmp_path, 'a directory without a readable config.json'),
                      (tmp_path / 'out-sft' / 'ckpt', 'no such directory')):  # not the recipe's checkpoint: no fallback
-        with pytest.raises(SystemExit, match=re.escape(f"init_from = '{src}' ({why}") + r".*--preset NAME \(tiny, qwen3b\)"):
+        with pytest.raises(SystemExit, match=re.escape(f"init_from = '{src}' ({why}") + r".*--preset NAME \(tiny, qwen3b, qwen7b"):
             bench.model_shape(cfg_of(init_from=str(src)))
-    p = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/sft.py', '--init_from=Qwen/Qwen2.5-72B'], cwd=ROOT,
-                       env=dict(os.environ, HF_HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, 'bench.py', '--memory', 'config/sft.py', '--init_from=meta-llama/Llama-3.1-8B'],
+                       cwd=ROOT, env=dict(os.environ, HF_HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and not p.stdout and len(p.stderr.strip().splitlines()) == 1, (p.stdout, p.stderr)
-    assert p.stderr.startswith("bench.py --memory: cannot read the model init_from = 'Qwen/Qwen2.5-72B' (no such "
-                               "directory, and no such model in the local HF cache); pass --preset NAME (tiny, qwen3b)")
+    assert p.stderr.startswith("bench.py --memory: cannot read the model init_from = 'meta-llama/Llama-3.1-8B' (no such "
+                               "directory, and no such model in the local HF cache); pass --preset NAME (tiny, qwen3b, "
+                               "qwen7b, qwen14b, qwen32b, qwen72b)")
     assert 'config.json' in p.stderr
 
 
@@ -213,7 +214,8 @@ def test_rl_configs_plan_the_sft_model_before_sft_has_run(tmp_path, monkeypatch)
         assert note in bench.memory_report([c], 2, 24, '', 256).splitlines()[0]
     assert bench.model_shape(cfg_of(init_from='out-sft/ckpt'))[0] == qwen3b()
     assert '| preset tiny: 1.' in bench.memory_report(['config/dapo.py'], 2, 24, 'tiny', 256).splitlines()[0]
-    head = bench.memory_report(['config/sft.py', '--init_from=Qwen/Qwen2.5-72B'], 2, 24, 'qwen3b', 256).splitlines()[0]
+    head = bench.memory_report(['config/sft.py', '--init_from=meta-llama/Llama-3.1-8B'], 2, 24, 'qwen3b', 256)
+    head = head.splitlines()[0]
     assert '| preset qwen3b: 3.09B params |' in head
     with pytest.raises(SystemExit, match="init_from = 'out-sft/ckpt2'"):  # the rule is sft's checkpoint, no other path
         bench.model_shape(cfg_of(init_from='out-sft/ckpt2'))
