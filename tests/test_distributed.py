@@ -157,17 +157,27 @@ def children(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_a_node_that_dies_stops_the_other_with_an_error(tmp_path):
     # a 2-node job, 1 rank a node; after the first step node 1 dies (its launcher and its worker, SIGKILL): node 0's
-    # next collective fails on the closed connection, and its launcher exits with the failure, not a hang
+    # next collective fails on the closed connection, and its launcher exits with the failure, not a hang. (a node
+    # that dies before the ranks first connect leaves the others waiting for the process group's timeout: 30 min)
     nodes = two_nodes(ARGS + [f'--out_dir={tmp_path}', '--max_iters=100000'], nproc_per_node=1)
     try:
         t0 = time.time()
-        while not (tmp_path / 'metrics.jsonl').exists():
+        log = tmp_path / 'metrics.jsonl'
+        while not (log.exists() and train.read_metrics(log)):  # the file is opened before step 1 is logged
             assert time.time() - t0 < 120 and all(n.poll() is None for n in nodes), "no first step"
             time.sleep(0.2)
-        for pid in [nodes[1].pid] + children(nodes[1].pid):
+        dead = [nodes[1].pid] + children(nodes[1].pid)
+        for pid in dead:
             os.kill(pid, signal.SIGKILL)
         t0 = time.time()
-        out, err = nodes[0].communicate(timeout=90)  # a hang fails the test here
+        try:
+            out, err = nodes[0].communicate(timeout=90)
+        except subprocess.TimeoutExpired:  # a hang
+            os.killpg(nodes[0].pid, signal.SIGKILL)
+            out, err = nodes[0].communicate()
+            o1, e1 = nodes[1].communicate()
+            raise AssertionError(f"killed {dead}; node 0 still running after 90 s:\n{out[-1500:]}\n{err[-3000:]}\n"
+                                 f"node 1:\n{o1[-1000:]}\n{e1[-2000:]}")
     finally:
         for n in nodes:
             if n.poll() is None:
@@ -190,12 +200,12 @@ def test_torchrun_with_one_rank_matches_a_plain_process(run_train, run_c, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('leg1, nproc', [('b2', 1), ('b1', 2)], ids=['2->1', '1->2'])
-def test_resume_on_another_world_size(run_train, run_a, run_b1, run_b2, tmp_path, leg1, nproc):
+@pytest.mark.parametrize('leg1, nproc', [('b2', 1), ('b1', 2), ('h', 2)], ids=['2->1', '1->2', 'hsdp 2x2->2'])
+def test_resume_on_another_world_size(run_train, run_a, run_b1, run_b2, run_h, tmp_path, leg1, nproc):
     # the step-3 checkpoint of a 2-rank (1-rank) run resumed on 1 rank (2 ranks): weights and adam moments
     # reshard, the data stream is global, so steps 4-6 log the uninterrupted 1-rank run's losses to float tolerance
     out = tmp_path / 'out'
-    shutil.copytree({'b1': run_b1, 'b2': run_b2}[leg1] / 'leg1_ckpt', out / 'ckpt_000003')
+    shutil.copytree({'b1': run_b1, 'b2': run_b2, 'h': run_h}[leg1] / 'leg1_ckpt', out / 'ckpt_000003')
     os.symlink('ckpt_000003', out / 'ckpt')
     shutil.copy(run_a / 'metrics.jsonl', out / 'metrics.jsonl')  # steps 4-6 are dropped and redone
     p = run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume'], nproc=nproc)

@@ -458,8 +458,8 @@ def env():
     return e
 
 
-def run(args, cwd=REPO, timeout=180, torchrun=False):
-    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
+def run(args, cwd=REPO, timeout=180, torchrun=False, nproc=2):
+    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] if torchrun
                               else []) + args
     p = (in_process(args[1:]) if args[0] == 'train.py' and not torchrun and cwd == REPO else  # one process: in this one
          subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout))
@@ -728,14 +728,16 @@ def test_grpo_kl_is_zero_at_step_one(nproc, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_dapo_dynamic_sampling(sft_ckpt, tmp_path):
-    # micro-batches by a token budget: each rank groups its own sequences, so their counts differ unless equalized
+@pytest.mark.parametrize('nproc,extra', [(2, []), (4, ['--replicas=2', '--overlap=True'])], ids=['2 ranks', 'hsdp 2x2'])
+def test_multi_rank_dapo_dynamic_sampling(sft_ckpt, tmp_path, nproc, extra):
+    # micro-batches by a token budget: each rank groups its own sequences, so their counts differ unless equalized.
+    # hsdp: the same regeneration decisions on all 4 ranks of a 2-d mesh, the overlapped copy refreshed from it
     run(['train.py'] + RL + ['--mode=dapo', f'--out_dir={tmp_path}', f'--init_from={sft_ckpt}', '--micro_batch_size=4',
-         '--micro_batch_tokens=48'], torchrun=True, timeout=240)  # a hang is a timeout, which fails the test
+         '--micro_batch_tokens=48', *extra], torchrun=True, nproc=nproc, timeout=240)  # a hang is a timeout: a failure
     ms = metrics(tmp_path)
     assert [m['step'] for m in ms] == [1, 2]
     for m in ms:
-        assert 1 <= m['gen_rounds'] <= 4 and m['kept_groups'] % 2 == 0 and 0 < m['kept_groups'] <= 4
+        assert 1 <= m['gen_rounds'] <= 4 and m['kept_groups'] % nproc == 0 and 0 < m['kept_groups'] <= 4
         assert math.isfinite(m['loss']) and m['grad_norm'] > 0
 
 
