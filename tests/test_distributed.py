@@ -200,16 +200,18 @@ def test_torchrun_with_one_rank_matches_a_plain_process(run_train, run_c, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('leg1, nproc', [('b2', 1), ('b1', 2), ('h', 2)], ids=['2->1', '1->2', 'hsdp 2x2->2'])
+@pytest.mark.parametrize('leg1, nproc', [('b2', 1), ('b1', 2), ('h', 2), ('h', 4)],
+                         ids=['2->1', '1->2', 'hsdp 2x2->2', 'hsdp 2x2->1x4'])
 def test_resume_on_another_world_size(run_train, run_a, run_b1, run_b2, run_h, tmp_path, leg1, nproc):
-    # the step-3 checkpoint of a 2-rank (1-rank) run resumed on 1 rank (2 ranks): weights and adam moments
-    # reshard, the data stream is global, so steps 4-6 log the uninterrupted 1-rank run's losses to float tolerance
+    # the step-3 checkpoint of a 2-rank (1-rank, hsdp 2 x 2) run resumed on 1 rank (2 ranks, 2 or 4 flat ranks):
+    # weights and adam moments reshard, the data stream is global, so steps 4-6 log the uninterrupted 1-rank run's
+    # losses to float tolerance
     out = tmp_path / 'out'
     shutil.copytree({'b1': run_b1, 'b2': run_b2, 'h': run_h}[leg1] / 'leg1_ckpt', out / 'ckpt_000003')
     os.symlink('ckpt_000003', out / 'ckpt')
     shutil.copy(run_a / 'metrics.jsonl', out / 'metrics.jsonl')  # steps 4-6 are dropped and redone
     p = run_train(ARGS + [f'--out_dir={out}', '--max_iters=6', '--init_from=resume'], nproc=nproc)
-    assert 'resharded' in p.stdout
+    assert ('resharded' in p.stdout) == (nproc != {'b1': 1, 'b2': 2, 'h': 4}[leg1])  # 2 x 2 -> 1 x 4: the same world
     got, want = metrics(out), metrics(run_a)
     assert_same(got, want, 1e-5, f'resumed on {nproc} rank(s)')
     print(f"{leg1} -> {nproc}: max relative loss difference vs uninterrupted "
