@@ -306,8 +306,8 @@ def collate_packed(prompts: list[list[int]], completions: list[list[int]]) -> tu
     """the sequences end to end in one row, no padding -> ids (1, T), attn (1, T) all ones, completion mask (N, C) as
     collate_rl's, and what the forward needs: position ids (1, T) restarting at 0 for each sequence (attention stays
     within a sequence), keep (K,) the positions whose logits predict the K completion tokens, in cm's row-major order,
-    cu (N + 1,) int32 the sequences' boundaries, for a variable-length attention kernel, and the mask again, for the
-    log-probs' layout."""
+    cu (N + 1,) int32 the sequences' boundaries and the longest's length (an int, so the kernel's argument costs no
+    device read), for a variable-length attention kernel, and the mask again, for the log-probs' layout."""
     lens = [len(p) + len(c) for p, c in zip(prompts, completions)]
     C = max(max(map(len, completions)), 1)
     ids = torch.tensor([t for p, c in zip(prompts, completions) for t in p + c], dtype=torch.long)[None]
@@ -317,7 +317,7 @@ def collate_packed(prompts: list[list[int]], completions: list[list[int]]) -> tu
     cm = torch.zeros(len(prompts), C)
     for i, c in enumerate(completions):
         cm[i, :len(c)] = 1
-    return ids, torch.ones_like(ids), cm, (pos, keep, cu, cm)
+    return ids, torch.ones_like(ids), cm, (pos, keep, cu, max(lens), cm)
 
 
 def collate_rl(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

@@ -266,7 +266,7 @@ def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, temperature: float = 1.0,
                    chunk: int = 256, entropy: bool = False, vocab: int | None = None, packed: tuple | None = None):
     """log p(ids[:, -n_tail:]) under logits[..., :vocab] / temperature -> (B, n_tail) [, entropy (B, n_tail)].
-    packed: (pos, keep, cu, cm) of data.collate_packed's one row (ids (1, T)): the completions' log-probs laid out as
+    packed: (pos, keep, cu, longest, cm) of data.collate_packed's one row (ids (1, T)): the completions' log-probs laid out as
     their mask cm (N, n_tail), 0 past each completion's end.
 
     vocab is the tokenizer's size: the sampler never draws the padded embedding rows past it, so neither may
@@ -277,8 +277,7 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, te
                        logits_to_keep=n_tail + 1).logits[:, :-1, :vocab]  # (B, n_tail, V), possibly bf16
         targets = ids[:, -n_tail:]
     else:  # no attention mask: hf reads the sequences' bounds from the restarting positions (or varlen's cu)
-        pos, keep, cu, _ = packed
-        n = int((cu[1:] - cu[:-1]).max())
+        pos, keep, cu, n, _ = packed
         logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, cu_seq_lens_q=cu,
                        cu_seq_lens_k=cu, max_length_q=n, max_length_k=n).logits[..., :vocab]  # (1, K, V)
         targets = ids[:, keep + 1]
@@ -295,7 +294,7 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, te
                 ent.append(-(lp.exp() * lp).sum(-1))
     lp, ent = torch.cat(out, 1), torch.cat(ent, 1) if entropy else None
     if packed is not None:  # (1, K) -> (N, n_tail): keep runs through the completions in the mask's row-major order
-        at = packed[3].bool()
+        at = packed[4].bool()
         lp = lp.new_zeros(at.shape).masked_scatter(at, lp)
         ent = ent.new_zeros(at.shape).masked_scatter(at, ent) if entropy else None
     return (lp, ent) if entropy else lp
@@ -792,6 +791,10 @@ def optimizer_step(r: Run, m: dict):
     sync(r)
 
 
+def to_device(xs: tuple, device: str) -> tuple:
+    return tuple(x.to(device) if torch.is_tensor(x) else x for x in xs)
+
+
 def cut(r: Run, sizes: list[tuple[int, int]]) -> list[list[int]]:
     """this rank's micro-batches (indices into its sequences' (prompt, completion) sizes): micro_batch_size rows in
     data order, or grouped by length under micro_batch_tokens, as many on every rank (fsdp2's collectives run per
@@ -823,7 +826,7 @@ def sft_step(r: Run, data_pos: int) -> tuple[dict, int]:
             if r.ddp:
                 r.model.set_requires_gradient_sync(r.grad_sync == 'micro' or k == len(micro) - 1)
             ids, attn, mk = ids.to(r.device), attn.to(r.device), mk.to(r.device)
-            pk = pk and tuple(t.to(r.device) for t in pk)
+            pk = pk and to_device(pk, r.device)
             with phase('forward'), amp(r):
                 lp = token_logprobs(r.model, ids, attn, mk.shape[1], 1.0, r.logprob_chunk, vocab=r.tok.n_vocab,
                                     packed=pk)
@@ -929,7 +932,7 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
         ids, attn, cm, pk = collate_packed(ps, cs) if r.pack else collate_rl(ps, cs, r.pad_id) + (None,)
         eng = pad_rows([seq_lp[i] for i in idx], cm.shape[1]).to(dev)  # the sampler's log-probs of its own tokens
         micro.append([ids.to(dev), attn.to(dev), cm.to(dev), adv[idx].to(dev), eng if r.overlap else None, eng,
-                      pk and tuple(t.to(dev) for t in pk)])
+                      pk and to_device(pk, dev)])
     n_local = torch.tensor([float(len(seq_c)), sum(map(len, seq_c))], device=dev)
     n_seq, n_tok = all_sum(r, n_local).tolist()  # host sync: the step-wide denominators, once
     norm = loss_norm(r.mode, n_seq, n_tok, r.max_new_tokens)

@@ -44,7 +44,7 @@ def test_packed_rows_through_the_varlen_kernel_score_as_padded_ones(amp):
         ids, attn, cm, pk = data.collate_packed(ps, comps) if packed else data.collate_rl(ps, comps, 0) + (None,)
         with ctx():
             lp = train.token_logprobs(m, ids.cuda(), attn.cuda(), cm.shape[1], vocab=TOK.n_vocab,
-                                      packed=pk and tuple(t.cuda() for t in pk))
+                                      packed=pk and train.to_device(pk, 'cuda'))
         (-(lp * cm.cuda()).sum()).backward()
         return lp.float() * cm.cuda(), m.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
     want, g = scored(False)

@@ -213,8 +213,8 @@ def test_prompt_starts_with_bos_exactly_when_the_tokenizer_adds_one(add_bos):
 
 def test_collate_packed_by_hand():
     # two sequences end to end: positions restart, keep holds the positions whose logits predict each completion token
-    ids, attn, cm, (pos, keep, cu, cm2) = data.collate_packed([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14]])
+    ids, attn, cm, (pos, keep, cu, longest, cm2) = data.collate_packed([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14]])
     assert ids.tolist() == [[5, 6, 7, 10, 11, 12, 13, 8, 9, 14]] and attn.tolist() == [[1] * 10]
     assert pos.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2]] and cu.tolist() == [0, 7, 10] and cu.dtype == torch.int32
     assert keep.tolist() == [2, 3, 4, 5, 8] and ids[0, keep + 1].tolist() == [10, 11, 12, 13, 14]
-    assert cm.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]] and cm2 is cm
+    assert cm.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]] and cm2 is cm and longest == 7

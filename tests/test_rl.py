@@ -564,7 +564,7 @@ def test_packed_rows_reach_the_variable_length_kernel_as_its_bounds(monkeypatch)
 
     def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
         assert q.dtype == torch.bfloat16 and window_size == (-1, 0) and torch.equal(cu_q, cu_k) and enable_gqa
-        calls.append(cu_q.tolist())
+        calls.append(cu_q.tolist() + [max_q, max_k])
         return torch.cat([torch.nn.functional.scaled_dot_product_attention(
             *(x[a:b].transpose(0, 1).float() for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True)
             .transpose(0, 1) for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]).to(q.dtype)
@@ -579,7 +579,8 @@ def test_packed_rows_reach_the_variable_length_kernel_as_its_bounds(monkeypatch)
     assert torch.equal(train.token_logprobs(model, ids, attn, cm.shape[1]), want) and not calls
     pids, pattn, pcm, pk = data.collate_packed(ps, cs)
     got = train.token_logprobs(model, pids, pattn, pcm.shape[1], packed=pk)
-    assert calls == [[0, 7, 10, 17]] * 2 and torch.equal(pcm, cm)  # one call per layer, the three sequences' bounds
+    # one call per layer: the three sequences' bounds, and the longest one's length
+    assert calls == [[0, 7, 10, 17, 7, 7]] * 2 and torch.equal(pcm, cm)
     assert ((got - want) * cm).abs().max() < 1e-2 and (got * (1 - cm)).abs().max() == 0, (got, want)
 
 
