@@ -363,10 +363,11 @@ def bench_rollout(model, tok, args) -> dict:
         eos = []
     n_tok, n_steps = {}, {}
 
-    def ours(kind):
+    def ours(kind, stops=(), ahead=None):
         out = engine.generate(model, prompts, n_samples=args.group_size, max_new_tokens=args.new_tokens,
-                              temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=[], tok=tok, pad_id=0,
-                              generator=torch.Generator(device=args.device).manual_seed(0), engine=kind)
+                              temperature=1.0, top_p=1.0, eos_ids=eos, stop_strings=list(stops), tok=tok, pad_id=0,
+                              generator=torch.Generator(device=args.device).manual_seed(0), engine=kind,
+                              run_ahead=ahead)
         n_tok[kind], n_steps[kind] = int(out['mask'].sum()), int(out['mask'].sum(-1).max())  # host sync
 
     P = max(map(len, prompts))
@@ -402,6 +403,9 @@ def bench_rollout(model, tok, args) -> dict:
     by = data.Tokenizer.load(args.tokenizer) if args.tokenizer else tok if args.ckpt else data.Tokenizer.bytes_level()
     r |= bench_stop_check(by, N, args.new_tokens, args.device, args.repeats)
     r['check_share'], r['per_row_share'] = r['check_ms'] / r['step_ms'], r['per_row_ms'] / r['step_ms']
+    # the rollout's own check (eos and '</answer>'), with the host in lockstep, then running a step behind the device
+    lock, ahead = (timed(lambda: ours('static', ['</answer>'], a), args.repeats, args.device) for a in (False, True))
+    r['lockstep_ms'], r['ahead_ms'] = (x / n_steps['static'] * 1000 for x in (lock, ahead))
     r['check_tok'] = os.path.basename(os.path.normpath(p)) if (p := args.tokenizer or args.ckpt) else 'byte'
     bw = card_bw(args.device.startswith('cuda'), args.card)
     if bw:  # rows run to the end without eos (random weights): exact; with early stops an upper estimate
@@ -727,6 +731,9 @@ def main(argv: list[str]):
               f"{r['per_row_ms']:.3f} ms/step | ratio {r['per_row_ms'] / r['check_ms']:.1f}x | "
               f"{100 * r['check_share']:.1f}% of the step (per-row {100 * r['per_row_share']:.1f}%) | token table "
               f"{r['table_ms']:.0f} ms, once per tokenizer")
+        print(f"  run ahead (the host checks step t while the device decodes t+1): {r['ahead_ms']:.3f} ms/step | host in "
+              f"lockstep {r['lockstep_ms']:.3f} ms/step | {r['lockstep_ms'] / r['ahead_ms']:.2f}x"
+              + ('' if args.device.startswith('cuda') else " | a cpu is its own device: nothing overlaps"))
     if args.skip != 'train':
         r = bench_train(model, tok, args, amp=False)
         print(f"train step ({args.accum} micro-batches of {args.micro_batch} x {args.seq_len} tokens, then the optimizer; "

@@ -255,18 +255,18 @@ def stop_ends(tok, stop_strings: tuple[str, ...], n_vocab: int) -> torch.Tensor:
 
 def stop_check(tok, eos_ids: list[int], stop_strings: list[str], N: int, T: int, dev):
     """-> check(nxt, live, t) -> the positions (a host list) of the rows that end at step t: on an eos id, or on a stop
-    string in the decoded window of their last tokens. nxt (n,) the step's tokens on dev; live (n,) their output rows
-    (of N, over T steps) on the host. eos and stop_ends are one table lookup on the device, read back with the tokens
-    in the step's one sync; the host decodes the windows of the flagged rows only."""
+    string in the decoded window of their last tokens. nxt (n,) the step's tokens, on dev or read back already; live
+    (n,) their output rows (of N, over T steps) on the host. eos and stop_ends are one table lookup where the tokens
+    are, read back with them in the step's one sync; the host decodes the windows of the flagged rows only."""
     n = tok.n_vocab
     kind = stop_ends(tok, tuple(stop_strings), n).long() * 2  # 2: may complete a stop string, 1: eos, 0: neither
     kind[torch.tensor([e for e in eos_ids if 0 <= e < n], dtype=torch.long)] = 1  # ids past n are never sampled
-    kind = kind.to(dev)
+    kinds = {kind.device: kind, torch.device(dev): kind.to(dev)}  # the tokens are on the device, or read back already
     hist = torch.zeros(N, T, dtype=torch.long)  # every row's tokens, on the host: the windows to decode
     window = max([len(s.encode()) for s in stop_strings] + [1])  # a stop string spans at most this many tokens
 
     def check(nxt, live, t):
-        xk = torch.stack((nxt, kind[nxt])).cpu()  # host sync: the one per decode step
+        xk = torch.stack((nxt, kinds[nxt.device][nxt])).cpu()  # host sync: the one per decode step
         hist[live, t] = xk[0]
         text = lambda j: tok.decode(hist[live[j], max(0, t + 1 - window):t + 1].tolist())
         return [j for j, k in enumerate(xk[1].tolist()) if k == 1 or k == 2 and any(s in text(j) for s in stop_strings)]
@@ -277,13 +277,16 @@ def stop_check(tok, eos_ids: list[int], stop_strings: list[str], N: int, T: int,
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens: int, temperature: float,
              top_p: float, eos_ids: list[int], stop_strings: list[str], tok, pad_id: int,
-             generator=None, engine: str = 'static', kv: KVCache | None = None) -> dict:
+             generator=None, engine: str = 'static', kv: KVCache | None = None, run_ahead: bool | None = None) -> dict:
     """-> ids (N, T), mask (N, T), logprobs (N, T), truncated (N,), N = len(prompts) * n_samples.
 
     row i * n_samples + j is sample j of prompt i; the stop token (eos or the end of a stop string) is kept
     in the mask; rows that stop (stop_check: one host read a step) leave the batch, so they cost no more compute.
     engine 'static': static KV cache and own decode step (CUDA graphs on GPU), in kv when given (kept across calls);
-    'hf': the HF forward on a DynamicCache. both draw the same random numbers."""
+    'hf': the HF forward on a DynamicCache. both draw the same random numbers.
+    run_ahead (default: on cuda): the device decodes step t+1 while the host reads and checks step t's tokens; the rows
+    that ended at t computed one step for nothing, and leave the logits before step t+1 samples, so the same rows draw
+    the same random numbers as without it. on a cpu the host is the device: nothing runs ahead."""
     from transformers import DynamicCache
     if engine not in ('static', 'hf'):
         raise ValueError(f"engine must be 'static' or 'hf', got {engine!r}")
@@ -311,20 +314,36 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
     rows = torch.arange(N, device=dev)  # output row of each live batch row
     live = torch.arange(N)  # the same, on the host
     check = stop_check(tok, eos_ids, stop_strings, N, max_new_tokens, dev)
+    cuda = dev.type == 'cuda'
+    ahead = cuda if run_ahead is None else run_ahead
+    host = torch.empty(N, dtype=torch.long, pin_memory=True) if cuda and ahead else None  # the tokens, read back
+    kept = None  # the positions of the rows that stay, once some ended: the engine drops the rest at its next advance
     for t in range(max_new_tokens):
         logits[:, tok.n_vocab:] = -float('inf')  # embedding rows past the tokenizer are never sampled
         nxt, lp = sample(logits, temperature, top_p, generator)
         out_ids[rows, t], out_lp[rows, t] = nxt, lp
-        ends = check(nxt, live, t)  # the positions of the live rows that end at step t, on the host
+        last, seen = t == max_new_tokens - 1, nxt
+        if ahead and not last:
+            if cuda:  # the copy is queued before the next step, so waiting for it does not wait for the step
+                seen, ready = host[:len(nxt)].copy_(nxt, non_blocking=True), torch.cuda.Event()
+                ready.record()
+            logits, kept = advance(nxt, kept), None
+            if cuda:
+                ready.synchronize()
+        ends = check(seen, live, t)  # the positions of the live rows that end at step t, on the host
         if ends:
             lengths[live[ends]], stopped[live[ends]] = t + 1, True
-        if t == max_new_tokens - 1 or len(ends) == len(live):
+        if last or len(ends) == len(live):
             break
-        kept = None
         if ends:
             kept = sorted(set(range(len(live))) - set(ends))
             live, keep = live[kept], torch.tensor(kept, device=dev)
-            rows, nxt = rows[keep], nxt[keep]
-        logits = advance(nxt, kept)
+            rows = rows[keep]
+            if ahead:
+                logits = logits[keep]
+            else:
+                nxt = nxt[keep]
+        if not ahead:
+            logits, kept = advance(nxt, kept), None
     mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).to(dev)
     return {'ids': out_ids, 'mask': mask, 'logprobs': out_lp * mask, 'truncated': ~stopped}

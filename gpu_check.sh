@@ -93,7 +93,7 @@ python bench.py --rl config/tiny.py --device=cuda --mode=dapo $shape --batch_siz
 python bench.py --repeats 1 --update config/tiny.py --device=cuda --mode=dr_grpo $shape --batch_size=8 --group_size=8 \
   --micro_batch_size=8 --max_new_tokens=16 --spread 100-1000 2>&1 | tail -5 | tee -a "$out/bench.txt"
 python bench.py --preset qwen3b --device cuda --prompts 16 --group_size 8 --new_tokens 512 --prompt_len 128 \
-  --skip train --repeats 1 2>&1 | tail -2 | tee -a "$out/bench.txt"
+  --skip train --repeats 1 2>&1 | tail -4 | tee -a "$out/bench.txt"
 python bench.py --repeats 1 --overlap config/tiny.py --device=cuda --mode=dr_grpo $shape --batch_size=16 \
   --group_size=8 --max_new_tokens=256 --micro_batch_size=16 --learning_rate=1e-6 --min_lr=1e-6 --optim_dtype=bf16 \
   --activation_checkpointing=True --max_iters=4 2>&1 | tail -3 | tee -a "$out/bench.txt"

@@ -63,6 +63,15 @@ def test_captured_buckets_equal_the_slow_path_fp32():
     torch.testing.assert_close(a['logprobs'], b['logprobs'], rtol=0, atol=1e-3)
 
 
+def test_run_ahead_on_graphs_draws_the_tokens_of_the_synchronous_loop():
+    # the default on cuda: the pinned read-back of step t overlaps the replay of step t+1, a bucket changes a step late
+    m = tiny().cuda()
+    a, b = gen(m, 'static', run_ahead=True), gen(m, 'static', run_ahead=False)
+    assert len(set(a['mask'].sum(-1).tolist())) >= 3
+    assert all(torch.equal(a[k], b[k]) for k in ('ids', 'mask', 'truncated'))
+    torch.testing.assert_close(a['logprobs'], b['logprobs'], rtol=0, atol=1e-3)
+
+
 def test_a_kept_cache_captures_each_bucket_once_and_decodes_as_a_fresh_one():
     # the overlap's KVCache, kept for the run over weights that keep their addresses: a second rollout (other
     # seed, fewer prompts, a window wider than its prompts) replays the graphs the first captured, and draws what a

@@ -1,6 +1,6 @@
 """the rollout engine: sample() (top-p, temperature, greedy), decode_step and the static KV cache against the HF
 forward, the static engine against the hf engine and model.generate, compaction against rows run alone, seeded
-sampling, stops, the stop check against a per-row decode, padding, out-of-vocabulary ids, sampling and chunked log-probs
+sampling, stops, the stop check against a per-row decode, the run-ahead loop against the lockstep one, padding, out-of-vocabulary ids, sampling and chunked log-probs
 against a full forward, FSDP2 (2 ranks) against unwrapped.
 
     python -m pytest tests/test_engine.py -q
@@ -74,10 +74,11 @@ def prompts():
 
 
 def gen(m, *, temperature, kind='static', n_samples=1, max_new_tokens=12, top_p=1.0, eos_ids=(EOS,), stop_strings=(),
-        seed=0, ps=None):
+        seed=0, ps=None, run_ahead=None):
     return engine.generate(m, ps or prompts(), n_samples=n_samples, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, eos_ids=list(eos_ids), stop_strings=list(stop_strings),
-                           tok=TOK, pad_id=EOS, generator=torch.Generator().manual_seed(seed), engine=kind)
+                           tok=TOK, pad_id=EOS, generator=torch.Generator().manual_seed(seed), engine=kind,
+                           run_ahead=run_ahead)
 
 
 def lengths(out):
@@ -431,6 +432,21 @@ def test_generate_stops_as_the_per_row_check(family, seed, monkeypatch):
     ends = [next((s for s in ('</answer>', two, '<|endoftext|>') if TOK.decode(x).endswith(s)), None) for x in texts]
     assert two in ends and len(set(ends)) >= 3, (ends, two)  # rows stop on the two tokens, and on others
     assert any(x[-1] != ord(two[-1]) and ord(two[-1]) in x for x in texts)  # its last character, completing nothing
+
+
+@pytest.mark.parametrize('family,kind', [('scratch', 'static'), ('llama', 'static'), ('qwen2', 'hf')])
+def test_run_ahead_draws_the_same_tokens(family, kind):
+    """run_ahead (the device decodes step t+1 before the host has checked step t; on by default on cuda, forced here)
+    stops the same rows at the same steps with the same tokens: rows that ended leave the logits before sampling, so
+    the rest draw the same random numbers. the log-probs differ only by the rounding of a batch one step larger."""
+    m = tiny(family)
+    kw = dict(temperature=1.0, n_samples=8, max_new_tokens=16, seed=3, kind=kind)
+    free = [TOK.decode(r) for r in gen(m, eos_ids=[], **kw)['ids'].tolist()]
+    two = next(t[i:i + 2] for t in free for i in range(len(t) - 1) if t[i:i + 2].isalnum() and t[i:i + 2].isascii())
+    out, ahead = (gen(m, eos_ids=[EOS], stop_strings=['</answer>', two], run_ahead=a, **kw) for a in (False, True))
+    assert all(torch.equal(out[k], ahead[k]) for k in ('ids', 'mask', 'truncated'))
+    torch.testing.assert_close(out['logprobs'], ahead['logprobs'], rtol=0, atol=1e-5)
+    assert 1 < len(set(lengths(out))) and min(lengths(out)) < 8, lengths(out)  # rows leave at several steps
 
 
 def test_eos_kept_in_mask_and_truncation(model):
