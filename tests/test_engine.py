@@ -1,7 +1,7 @@
 """the rollout engine: sample() (top-p, temperature, greedy), decode_step and the static KV cache against the HF
 forward, the static engine against the hf engine and model.generate, compaction against rows run alone, seeded
-sampling, stops, the stop check against a per-row decode, the run-ahead loop against the lockstep one, padding, out-of-vocabulary ids, sampling and chunked log-probs
-against a full forward, FSDP2 (2 ranks) against unwrapped.
+sampling, stops, the stop check against a per-row decode, the run-ahead loop against the lockstep one, padding,
+out-of-vocabulary ids, sampling and chunked log-probs against a full forward, FSDP2 (2 ranks) against unwrapped.
 
     python -m pytest tests/test_engine.py -q
 """
