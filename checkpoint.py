@@ -8,13 +8,18 @@ ckpt_NNNNNN, which holds
                     model.safetensors: the weights are in state/)
 only tensors (read with weights_only) and json, and DCP's pickled .metadata, read by an unpickler that admits only
 the classes metadata is made of: a checkpoint cannot run code. written to a .tmp dir, renamed, then the link is
-swapped atomically.
+swapped atomically. a SIGTERM or SIGINT writes the last finished step at once (Preemption).
 """
+import atexit
 import contextlib
 import json
 import os
 import pickle
+import select
 import shutil
+import signal
+import threading
+import time
 import warnings
 
 import torch
@@ -224,3 +229,110 @@ def load_checkpoint(path: str, params: dict, optimizer, rank: int, world: int) -
         return state, {'pending': None}
     with open(os.path.join(path, f'rank{rank}.json')) as f:
         return state, json.load(f)
+
+
+class Preemption:
+    """SIGTERM or SIGINT: write the last finished step at once, abandon the step in flight, exit 0.
+
+    torchrun forwards a signal to every worker and kills them --shutdown_timeout (30 s) later; a step at 3B takes
+    minutes, so nothing waits for it. the signal's C handler writes to a pipe, which wakes a thread on each rank even
+    while the main thread sits in a collective; a signal that reached one rank only reaches the others through the
+    rendezvous store. the threads agree over their own gloo group, while no main thread can change the weights (the
+    optimizer step holds `lock`), and write with save(step, state, rank_state, pg) unless out_dir/ckpt already holds
+    that step. the rollout in flight is regenerated on resume."""
+
+    def __init__(self, save, ddp: bool, device: str, log, signals: bool = True):
+        self.lock, self.link_lock = threading.Lock(), threading.Lock()
+        self.stopping, self.closed = threading.Event(), threading.Event()
+        # (step, state, rank_state) of the last finished step (None while the weights change); the step out_dir/ckpt
+        # names. a periodic save of the finished step still under way when a stop comes is not waited for (it may wait
+        # on a rollout): the stop writes its own, and the half-written one is cleaned up by the next save
+        self.finished, self.saved = None, None
+        self.save, self.device, self.log, self.watcher = save, device, log, None
+        if not signals:  # the caller owns the process and its signals: lock, mark and park only
+            return
+        self.group = dist.new_group(backend='gloo') if ddp else None  # never the main thread's group
+        self.store, self.key = None, f"reasoning-engine-stop-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        if ddp:
+            from datetime import timedelta
+            self.store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                                       timeout=timedelta(seconds=60))
+        self.pipe, self.wake = os.pipe()
+        os.set_blocking(self.wake, False)
+        signal.set_wakeup_fd(self.wake)
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        # the pipe is what is read; without the watcher, stop at once
+        on_signal = lambda num, frame: None if self.watcher.is_alive() else os._exit(128 + num)
+        self.handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.watcher.start()
+        atexit.register(self.close)  # also on an error's exit
+
+    def close(self):
+        """end the watcher before the interpreter does: python 3.11 ends a daemon thread that returns from a c++ call
+        (the store's check) during shutdown by unwinding it through a noexcept destructor, which aborts the process.
+        a stop under way at a finished step is waited for (its writer ends the process); one that can no longer
+        reach a finished step (an error left the step half done) for 10 s. the signals go back to their handlers
+        before, and nothing is left registered that keeps the run (a process that runs train.py twice, bench.py)."""
+        if self.watcher is None:
+            return
+        self.closed.set()
+        self.watcher.join(timeout=None if self.finished is not None or not self.stopping.is_set() else 10)
+        atexit.unregister(self.close)
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        os.close(self.pipe), os.close(self.wake)
+
+    def mark(self, finished):
+        """called by the main thread: None while the weights change, (step, state, rank_state) once a step is done."""
+        with self.lock:
+            self.finished = finished
+
+    def _signalled(self) -> bool:
+        if select.select([self.pipe], [], [], 0.5)[0]:
+            if self.store is not None:
+                self.store.set(self.key, '1')
+            return True
+        try:
+            return self.store is not None and self.store.check([self.key])
+        except (RuntimeError, OSError):  # the launcher's store is gone: this rank's own signals still work
+            self.store = None
+            return False
+
+    def _watch(self):
+        code = 1
+        try:
+            while not self._signalled():
+                if self.closed.is_set():
+                    return
+            self.stopping.set()
+            if self.device.startswith('cuda'):
+                torch.cuda.set_device(self.device)  # a new thread starts on gpu 0
+            while True:
+                with self.lock:  # no main thread can start or finish an optimizer step meanwhile
+                    mine = (self.finished[0] if self.finished is not None else None, self.saved)
+                    every = [mine]
+                    if self.group is not None:
+                        every = [None] * dist.get_world_size(self.group)
+                        dist.all_gather_object(every, mine, group=self.group)
+                    steps = {f for f, _ in every}
+                    if None not in steps and len(steps) == 1:  # a rank one step behind catches up, then parks
+                        step, state, rank_state = self.finished
+                        if any(v != step for _, v in every):  # decided alike on every rank
+                            self.save(step, state, rank_state, self.group)
+                        elif step == 0:
+                            self.log("stopped before any step finished: nothing to write")
+                        code = 0
+                        break
+                time.sleep(0.1)
+        except BaseException as e:
+            print(f"stop: the checkpoint could not be written: {type(e).__name__}: {e}", flush=True)
+        os._exit(code)
+
+    def park(self, anywhere: bool = False):
+        """the main thread, once a stop is under way, at a point of the step where it holds nothing the writer needs
+        (never between the gradient norm's all-reduce and the optimizer step, nor amid num_iterations > 1 optimizer
+        steps): wait for the writer to end the process. anywhere: after a collective failed because a peer has
+        already exited."""
+        while self.stopping.is_set() and (anywhere or self.finished is not None):
+            time.sleep(3600)

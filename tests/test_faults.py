@@ -171,8 +171,8 @@ def test_the_stop_watcher_ends_before_the_interpreter(tmp_path):
     # a hook registered before the Preemption runs after its close, and must find no watcher left; an error's exit too
     script = (f"import atexit, sys, threading; sys.path.insert(0, {ROOT!r})\n"
               "atexit.register(lambda: print('alive at exit:', [t.name for t in threading.enumerate() if t.daemon]))\n"
-              "import train\n"
-              "p = train.Preemption(lambda *a: None, False, 'cpu', print)\n"
+              "import checkpoint\n"
+              "p = checkpoint.Preemption(lambda *a: None, False, 'cpu', print)\n"
               "assert p.watcher.is_alive()\n"
               "if sys.argv[1] == 'error': raise SystemExit('config error: x')\n")
     for how, code in (('finished', 0), ('error', 1)):
