@@ -197,10 +197,10 @@ def to_rows(raw: list[dict], question_field: str, answer_field: str, reasoning_f
     return rows
 
 
-def load_rows(cfg: dict, split: str, n_arith: int = 20000) -> list[dict]:
+def load_rows(cfg: dict, split: str) -> list[dict]:
     name = cfg['dataset']
     if name == 'arith':
-        return arith_problems(n_arith, split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
+        return arith_problems(cfg['arith_size'], split, cfg['seed'], cfg['arith_terms'], cfg['arith_digits'],
                               cfg['arith_trace_frac'], cfg['arith_task'])
     if name.endswith('.jsonl'):
         if not os.path.isfile(name):

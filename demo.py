@@ -124,7 +124,7 @@ def smollm2(args, env):
         with contextlib.redirect_stdout(io.StringIO()):  # its 'override:' lines
             configurator.configure(cfg, argv)
         return cfg
-    quick = ['--max_iters=1', '--lr_decay_iters=1', '--warmup_iters=0', '--batch_size=2', '--micro_batch_size=2',
+    quick = ['--max_iters=1', '--lr_decay_iters=1', '--warmup_iters=0', '--batch_size=1', '--micro_batch_size=1',
              '--group_size=2', '--max_new_tokens=16', '--max_gen_rounds=2'] if args.quick else []
     seed = [f'--seed={args.seed}']
     sft = os.path.join(args.out, 'sft')
@@ -203,7 +203,7 @@ if __name__ == '__main__':
     real = args.model == 'smollm2'
     args.modes = args.modes or ('grpo,dr_grpo,dapo' if real else 'dapo')
     args.out = args.out or ('out-smollm2' if real else 'out-demo')
-    args.limit = 4 if args.quick and real else 20 if args.quick else args.limit or (300 if real else 500)
+    args.limit = 2 if args.quick and real else 20 if args.quick else args.limit or (300 if real else 500)
     args.repeats = 1 if args.quick else args.repeats
     # one thread for the scratch model: 2 OpenMP threads on small matrices on a busy 2-core machine are many times
     # slower than one; a 135M model's matrices use every core

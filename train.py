@@ -73,6 +73,7 @@ arith_digits = 2  # 'arith': digits per number
 arith_trace_frac = 1.0  # 'arith': fraction of sft traces that show the steps; the rest answer with an empty think
 arith_task = 'chain'  # 'arith': 'chain' (+/- with a running total) | 'column' (sums added column by column) |
 # 'words' (a chain told as a story, for pretrained models)
+arith_size = 20000  # 'arith': problems generated per split; the run draws epochs of them
 # model ('scratch' only: a Qwen2-architecture model with random weights and an offline byte tokenizer)
 n_layer = 2
 n_head = 4
@@ -469,7 +470,7 @@ def validate(c: dict, world: int):
     for k in ('master_dtype', 'optim_dtype'):
         need(c[k] in DTYPES, f"{k} = {c[k]!r}, expected one of {tuple(DTYPES)}")
     for k in ('max_iters', 'batch_size', 'micro_batch_size', 'group_size', 'max_new_tokens', 'num_iterations',
-              'max_gen_rounds', 'max_seq_len', 'logprob_chunk', 'ckpt_interval', 'log_interval'):
+              'max_gen_rounds', 'max_seq_len', 'arith_size', 'logprob_chunk', 'ckpt_interval', 'log_interval'):
         need(c[k] >= 1, f"{k} = {c[k]}, expected >= 1")
     for k in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'max_skips'):
         need(c[k] >= 0, f"{k} = {c[k]}, expected >= 0")
