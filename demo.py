@@ -12,8 +12,8 @@ config/smollm2_rl.py: its base model through its chat template, then sft on work
 the sft checkpoint, each evaluated on the same held-out problems (strict and flexible, greedy and pass@8, format
 failures, length) beside its train time and peak memory (the process's, measured, and the planner's tensors).
 Stages are plain train.py / eval.py runs, so each can be rerun by hand; their commands are printed. Ends with the
-table, sample completions and the rl runs' training curves on one figure, <out>/curves.png (plot.py; skipped with
-an install hint when matplotlib is missing).
+table (the scratch demo adds sample completions) and the rl runs' training curves on one figure, <out>/curves.png
+(plot.py; skipped with an install hint when matplotlib is missing).
 """
 import argparse
 import json
@@ -141,7 +141,8 @@ def smollm2(args, env):
 
     def planned(argv: list[str]) -> float:  # GiB of tensors at the planner's peak, one process on a cpu
         c = config(argv)
-        return bench.plan_memory(c, 1, bench.model_shape(c)[0], 2 ** 40, cuda=False, prompt_len=longest)['peak'] / 2 ** 30
+        plan = bench.plan_memory(c, 1, bench.model_shape(c)[0], 2 ** 40, cuda=False, prompt_len=longest)
+        return plan['peak'] / 2 ** 30
 
     def evaluate(src: list[str], name: str) -> tuple[list[dict], float]:
         n = ['--n_samples', '2', '--k', '1,2'] if args.quick else ['--n_samples', '8', '--k', '1,8']
@@ -161,8 +162,8 @@ def smollm2(args, env):
     modes = args.modes.split(',')
     for mode in modes:
         rl = os.path.join(args.out, mode)
-        rl_args = ['config/smollm2_rl.py', f'--mode={mode}', f'--out_dir={rl}', f'--init_from={os.path.join(sft, "ckpt")}',
-                   f'--overlap={args.overlap}'] + seed + quick
+        rl_args = ['config/smollm2_rl.py', f'--mode={mode}', f'--out_dir={rl}',
+                   f'--init_from={os.path.join(sft, "ckpt")}', f'--overlap={args.overlap}'] + seed + quick
         t_rl, rss = run([sys.executable, 'train.py'] + rl_args, env)
         rows.append((mode, *evaluate(['--ckpt', rl], mode), t_rl, rss, planned(rl_args)))
     k = 'pass@2' if args.quick else 'pass@8'
