@@ -6,6 +6,7 @@ runs it beside test_demo.py's scratch demo.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,3 +54,5 @@ def test_demo_smollm2_quick(smollm, tmp_path):
             assert demo[stage]['train_s'] > 0 and demo[stage]['peak_rss_gib'] > 0.5 and demo[stage]['planned_gib'] > 0.5
     with open(tmp_path / 'curves.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    for stage in stages[1:]:  # 1.6 GB a checkpoint: pytest keeps the last three runs' tmp dirs
+        shutil.rmtree(tmp_path / stage)
