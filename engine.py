@@ -95,6 +95,13 @@ def capture(fn, pool, stream):
     return g, out
 
 
+def on(xs: list[int], dev: torch.device) -> torch.Tensor:
+    """a host list of indices as a tensor on dev. on cuda through pinned memory: a copy from pageable memory waits for
+    the stream, where the run-ahead loop has queued the next decode step."""
+    t = torch.tensor(xs, dtype=torch.long)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else t
+
+
 class KVCache:
     """the static engine's state: K/V buffers of `rows` rows over a fixed window (`prompt_len` prompt columns, then the
     new tokens), and each bucket's captured graph. the overlap keeps one for the run: its inference copy's weights keep
@@ -184,14 +191,14 @@ def static_engine(model, cache, attn, n_samples: int, max_new_tokens: int, bucke
                 # they are copied (a full gather K[:, :n] = K[:, idx] would move every row, every time)
                 holes, movers = sorted(set(range(n)) - set(at)), [r for r in at if r >= n]
                 if movers:
-                    src, dst = torch.tensor(movers, device=dev), torch.tensor(holes, device=dev)
+                    src, dst = on(movers, dev), on(holes, dev)
                     for x, d in ((K, 1), (V, 1), (valid, 0), (pos, 0)):
                         x.index_copy_(d, dst, x.index_select(d, src))
                     to = dict(zip(movers, holes))
                     at = [to.get(r, r) for r in at]
                 b = nb
                 graph, out = kv.graphs.get(b, (None, None))
-            idx = torch.tensor(at, device=dev)
+            idx = on(at, dev)
         tok.index_copy_(0, idx, nxt)
         slot.fill_(P0 + t)
         valid[:, P0 + t] = True
@@ -220,7 +227,7 @@ def hf_engine(model, cache, attn, n_samples: int, kw: str):
     def advance(nxt, kept):
         nonlocal attn, pos
         if kept is not None:
-            keep = torch.tensor(kept, device=attn.device)
+            keep = on(kept, attn.device)
             cache.batch_select_indices(keep)
             attn, pos = attn[keep], pos[keep]
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
@@ -337,7 +344,7 @@ def generate(model, prompts: list[list[int]], *, n_samples: int, max_new_tokens:
             break
         if ends:
             kept = sorted(set(range(len(live))) - set(ends))
-            live, keep = live[kept], torch.tensor(kept, device=dev)
+            live, keep = live[kept], on(kept, dev)
             rows = rows[keep]
             if ahead:
                 logits = logits[keep]
