@@ -264,8 +264,8 @@ def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_tail: int, temperature: float = 1.0,
                    chunk: int = 256, entropy: bool = False, vocab: int | None = None, packed: tuple | None = None):
     """log p(ids[:, -n_tail:]) under logits[..., :vocab] / temperature -> (B, n_tail) [, entropy (B, n_tail)].
-    packed: (pos, keep, cu, longest, cm) of data.collate_packed's one row (ids (1, T)): the completions' log-probs laid out as
-    their mask cm (N, n_tail), 0 past each completion's end.
+    packed: (pos, keep, cu, longest, cm) of data.collate_packed's one row (ids (1, T)): the completions' log-probs laid
+    out as their mask cm (N, n_tail), 0 past each completion's end.
 
     vocab is the tokenizer's size: the sampler never draws the padded embedding rows past it, so neither may
     the trainer's distribution include them."""
@@ -555,7 +555,8 @@ def setup(config: dict) -> Run:
             torch.cuda.set_device(r.device)
         dist.init_process_group('nccl' if r.device.startswith('cuda') else 'gloo')
         # replicas > 1: a 2-d mesh, on which fully_shard shards along 'shard' and replicates along 'replicate' (hsdp)
-        shape, names = ((r.replicas, r.world // r.replicas), ('replicate', 'shard')) if r.replicas > 1 else ((r.world,), None)
+        shape, names = ((r.replicas, r.world // r.replicas), ('replicate', 'shard')) if r.replicas > 1 else \
+            ((r.world,), None)
         r.mesh = init_device_mesh('cuda' if r.device.startswith('cuda') else 'cpu', shape, mesh_dim_names=names)
     r.cuda = r.device.startswith('cuda')
     if r.cuda:
