@@ -645,13 +645,17 @@ def amp(r: Run):
     return torch.autocast(r.device.split(':')[0], torch.bfloat16) if r.amp_on else contextlib.nullcontext()
 
 
-def casts(r: Run):
+def casts(r: Run, backward: bool):
     """autocast drops its cached bf16 weight casts (one cache per process) when a thread leaves its outermost autocast
     context: `casts` spans what runs on unchanged weights (a step's micro-batches, a rollout's rounds), so each weight
     is cast once there, not per micro-batch and again in its recompute. not so on a gpu's update: autograd recomputes
-    in its device thread, which leaves autocast at nesting 0 and so clears the cache each backward. `casts` computes
-    nothing in autocast itself, and ends before any optimizer step (a cached cast would be stale)."""
-    return torch.autocast(r.device.split(':')[0], enabled=False) if r.amp_on else contextlib.nullcontext()
+    in its device thread, which leaves autocast at nesting 0 and so clears the cache each backward. nor across the
+    backwards of fsdp2 (cpu ranks): a cast cached by the first micro-batch is an older autograd node in the next one's
+    backward, which the engine runs after fsdp2's post-backward hook has reduce-scattered the layer, so the weight's
+    gradient would stay unreduced and count a micro-batch late. `casts` computes nothing in autocast itself, and ends
+    before any optimizer step (a cached cast would be stale)."""
+    on = r.amp_on and not (backward and r.ddp)
+    return torch.autocast(r.device.split(':')[0], enabled=False) if on else contextlib.nullcontext()
 
 
 def sync(r: Run):
@@ -712,7 +716,7 @@ def sft_step(r: Run, data_pos: int) -> tuple[dict, int]:
             micro.append(collate_sft([exs[i] for i in mb], r.pad_id) + (None,))
     norm = all_sum(r, sum(mk.sum() for _, _, mk, _ in micro).to(r.device))  # global loss-token count, once
     loss_sum, m = torch.zeros((), device=r.device), {}
-    with casts(r):  # each weight cast once per optimizer step
+    with casts(r, backward=True):  # each weight cast once per optimizer step
         for k, (ids, attn, mk, pk) in enumerate(micro):
             r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
             if r.ddp:
@@ -842,7 +846,7 @@ def update(r: Run, groups: list[dict], m: dict, step: int):
         if it > 0:
             optimizer_step(r, m)
         loss_sum, st_sum = torch.zeros((), device=dev), {}
-        with casts(r):  # each weight cast once per optimizer step; the optimizer step is outside
+        with casts(r, backward=True):  # each weight cast once per optimizer step; the optimizer step is outside
             for k, mb in enumerate(micro):
                 ids, attn, cm, a, old, eng, _, rlp = mb
                 r.preempt.park()  # a stop under way: the step is abandoned at its next micro-batch
@@ -944,7 +948,7 @@ def launch(r: Run, step: int, data_pos: int) -> Future:
         with phase('async_next_rollout'), torch.cuda.stream(r.side) if r.cuda else contextlib.nullcontext():
             if r.cuda:
                 r.side.wait_event(ev)
-            with casts(r):  # autocast's nesting is per thread
+            with casts(r, backward=False):  # autocast's nesting is per thread
                 out = rollout(r, step, data_pos, r.infer, r.bg_group)
             if r.cuda:
                 r.side.synchronize()
@@ -964,7 +968,7 @@ def train_step(r: Run, step: int, data_pos: int) -> tuple[dict, int]:
     if r.mode == 'sft':
         return sft_step(r, data_pos)
     if not r.overlap:
-        with casts(r):
+        with casts(r, backward=False):
             groups, m, data_pos = rollout(r, step, data_pos, r.model)
     else:  # one step off-policy: these groups came from theta_{N-1}; step N+1's are generated from theta_N meanwhile
         if r.pending is None:  # the first step generates from its own weights, in the foreground

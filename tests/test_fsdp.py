@@ -1,6 +1,7 @@
 """fsdp2 as train.py sets it up, on 2 gloo ranks (torchrun): a rollout's gathered() hands every group its own
 reshard-after-forward setting back, so the trained root stays gathered from forward to backward after any number of
-rollouts; the frozen grpo reference, which has no backward, reshards its root after every forward.
+rollouts; the frozen grpo reference, which has no backward, reshards its root after every forward; micro-batches under
+bf16 autocast each reach their reduce-scatter.
 
     python -m pytest tests/test_fsdp.py -q
 """
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +50,19 @@ def worker(out: str):
     with torch.no_grad():
         train.token_logprobs(ref, ids, attn, n)
     seen['reference root gathered after forward'] = gathered(ref)
+    # sft_step's micro-batches under cpu bf16 autocast, twice the same one: each reduce-scattered in its own backward,
+    # so the sharded gradients exactly double (a weight cast cached across the two would reach fsdp2 a backward late)
+    r = types.SimpleNamespace(amp_on=True, ddp=True, device='cpu')
+    model.zero_grad(set_to_none=True)
+    grads = []
+    with train.casts(r, backward=True):
+        for _ in range(2):
+            with train.amp(r):
+                lp = train.token_logprobs(model, ids, attn, n)
+            lp.sum().backward()
+            grads.append({k: p.grad.to_local().clone() for k, p in model.named_parameters()})
+    seen['micro-batch gradients that did not double'] = [k for k, g in grads[0].items()
+                                                         if not torch.equal(grads[1][k], 2 * g)]
     if dist.get_rank() == 0:
         with open(out, 'w') as f:
             json.dump(seen, f)
@@ -65,6 +80,7 @@ def test_rollouts_leave_fsdp_settings_and_the_reference_reshards(tmp_path):
     assert seen['root gathered after forward'] == [True, True], seen  # kept for its backward, every step
     assert seen['root gathered after backward'] == [False, False], seen
     assert seen['reference root gathered after forward'] is False, seen  # ~0.6 GB per rank at 3B otherwise
+    assert seen['micro-batch gradients that did not double'] == [], seen
 
 
 if __name__ == '__main__':
