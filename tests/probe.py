@@ -1,8 +1,8 @@
 """run a script as __main__ (train.py, under torchrun too) and record per rank what a run does not print: decoder
 layers run forward with grad and recomputed in backward (activation checkpointing at work), and the gradient bytes
 the rank holds after each backward, its own shards apart from FSDP2's unsharded accumulation; with PROBE_CASTS=1,
-how often each parameter is cast from fp32 to bf16 (autocast's weight casts). written at exit to
-probe_rank{RANK}.json in the working directory.
+how often each parameter is cast from fp32 to bf16 (autocast's weight casts). written to probe_rank{RANK}.json in the
+working directory after each backward and at exit (a stop by a signal leaves by os._exit, past atexit).
 
     python tests/probe.py train.py config/tiny.py --device=cpu
 """
@@ -60,6 +60,7 @@ def grad_bytes(self, *args, **kwargs):
             (bytes_of(fp.unsharded_accumulated_grad) if fp.unsharded_accumulated_grad is not None else 0) +
             (bytes_of(fp._unsharded_param.grad) if getattr(fp, '_unsharded_param', None) is not None
              and fp._unsharded_param.grad is not None else 0) for fp in fsdp))
+    write()
 
 
 class Casts(TorchDispatchMode):

@@ -1,8 +1,9 @@
-"""the README's recipe as a user runs it: config/sft.py, then config/dapo.py, dr_grpo.py and grpo.py from its checkpoint,
-then eval.py, each under torchrun on 2 ranks (gloo, CPU), from the recipe's working directory layout (out-sft/ckpt),
-on a real pretrained model (SmolLM2-135M-Instruct as a HF dir) and the GSM8K sample in tests/data. overridden: what a
-CPU needs (device, sizes, steps), the data (no hub here) and the chat template an instruct model speaks.
-tests/probe.py counts what no log shows: layers recomputed in backward, gradient bytes per rank.
+"""the README's recipe as a user runs it: config/sft.py, then config/dr_grpo.py (overlapped) from its checkpoint, then
+eval.py, each under torchrun on 2 ranks (gloo, CPU), from the recipe's working directory layout (out-sft/ckpt), on a
+real pretrained model (SmolLM2-135M-Instruct as a HF dir) and the GSM8K sample in tests/data; config/grpo.py and
+config/dapo.py from the same checkpoint in one process. overridden: what a CPU needs (device, sizes, steps), the data
+(no hub here) and the chat template an instruct model speaks. tests/probe.py counts what no log shows: layers
+recomputed in backward, gradient bytes per rank.
 
     python -m pytest tests/test_recipe.py -q
     RECIPE_DEVICE=cuda RECIPE_NPROC=1 python -m pytest tests/test_recipe.py -q    # gpu_check.sh, on one GPU
@@ -19,6 +20,7 @@ import pytest
 
 import bench
 import train
+from conftest import in_process
 from test_pretrained import TEST, TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,9 +65,10 @@ def wait_for_steps(out, n, p, timeout=300):
 
 
 @pytest.fixture(scope='module')
-def recipe(smollm, tmp_path_factory):
-    """the sft stage stopped by SIGTERM to torchrun after its first step, then resumed; and an uninterrupted run."""
-    cwd, ref = tmp_path_factory.mktemp('recipe'), tmp_path_factory.mktemp('reference')
+def recipe(smollm, steps, tmp_path_factory):
+    """the sft stage stopped by SIGTERM to torchrun after its first step, then resumed; and the losses of an
+    uninterrupted run, in this process on one rank (the same global batch: 1 or 2 ranks give the same steps)."""
+    cwd = tmp_path_factory.mktemp('recipe')
     args = SFT + [f'--init_from={smollm}']
     # torchrun's default: the workers get 30 s from the signal before it kills them
     p = subprocess.Popen(TORCHRUN + ['--shutdown_timeout=30'] + PROBE + args, cwd=cwd, text=True,
@@ -76,10 +79,9 @@ def recipe(smollm, tmp_path_factory):
     out, err = p.communicate(timeout=120)
     assert (cwd / 'out-sft' / 'ckpt').exists(), out[-3000:] + err[-5000:]
     stopped = {'seconds': time.time() - t0, 'out': out, 'err': err, 'steps': len(metrics(cwd / 'out-sft')),
-               'ckpt': json.load(open(cwd / 'out-sft' / 'ckpt' / 'train_state.json'))['step']}
+               'ckpt': json.load(open(cwd / 'out-sft' / 'ckpt' / 'train_state.json'))['step'], 'probes': probes(cwd)}
     run(cwd, PROBE + args + ['--init_from=resume'])
-    run(ref, PROBE + args)
-    return {'cwd': cwd, 'stopped': stopped, 'ref': ref}
+    return {'cwd': cwd, 'stopped': stopped, 'uninterrupted': steps(args)}
 
 
 def test_sigterm_to_torchrun_keeps_the_last_finished_step(recipe):
@@ -91,40 +93,57 @@ def test_sigterm_to_torchrun_keeps_the_last_finished_step(recipe):
 
 
 def test_sft_resumes_as_if_never_stopped_and_its_loss_falls(recipe):
-    got, want = metrics(recipe['cwd'] / 'out-sft'), metrics(recipe['ref'] / 'out-sft')
+    got, want = metrics(recipe['cwd'] / 'out-sft'), recipe['uninterrupted']
     assert [m['step'] for m in got] == [m['step'] for m in want] == [1, 2]
-    for a, b in zip(got, want):  # 2 ranks both times; the resumed half read its adam moments back from state/
+    for a, b in zip(got, want):  # step 2 is the resumed run's: its weights and its place in the data came back
         assert math.isclose(a['loss'], b['loss'], rel_tol=1e-5), (got, want)
     assert want[-1]['loss'] < want[0]['loss'], want
-    assert_recomputed(recipe['ref'], 'sft from the pretrained model')
     assert_recomputed(recipe['cwd'], 'sft resumed from its checkpoint')
+    n_layer = json.load(open(recipe['cwd'] / 'out-sft' / 'ckpt' / 'config.json'))['num_hidden_layers']
+    for r, p in enumerate(recipe['stopped']['probes']):  # from the pretrained model; its step 2 stopped part-way
+        assert p['forwards'] >= p['recomputed'] >= n_layer * 4 // NPROC, f"sft from the pretrained model, rank {r}: " \
+            f"{p['forwards']} layer forwards with grad, {p['recomputed']} recomputed (activation_checkpointing = True)"
 
 
 def test_each_rank_holds_the_planned_gradient_bytes(recipe):
     import configurator
     cfg = {k: getattr(train, k) for k in train.config_keys}
-    configurator.configure(cfg, SFT + [f"--init_from={recipe['ref'] / 'out-sft' / 'ckpt'}"])
+    configurator.configure(cfg, SFT + [f"--init_from={recipe['cwd'] / 'out-sft' / 'ckpt'}"])
     planned = bench.plan_memory(cfg, NPROC, bench.model_shape(cfg)[0], 24 * 2 ** 30,
                                 cuda=DEVICE == 'cuda')['components']['gradients']
-    for r, p in enumerate(probes(recipe['ref'])):  # after each of a rank's micro-batches of each of the 2 steps
+    for r, p in enumerate(probes(recipe['cwd'])):  # after each of a rank's micro-batches of the resumed step
         assert max(p['unsharded_grad_bytes']) == 0, p  # grad_sync 'micro': nobody holds a full gradient
-        assert len(p['sharded_grad_bytes']) == 2 * 4 // NPROC and math.isclose(max(p['sharded_grad_bytes']), planned, rel_tol=0.01), \
+        assert len(p['sharded_grad_bytes']) == 4 // NPROC and math.isclose(max(p['sharded_grad_bytes']), planned, rel_tol=0.01), \
             (r, max(p['sharded_grad_bytes']), planned, p['n_params'])
 
 
-@pytest.mark.parametrize('config,extra', [('dapo', []), ('dr_grpo', []), ('grpo', ['--overlap=True'])])
-def test_rl_from_the_sft_checkpoint(recipe, config, extra):
+def test_dr_grpo_overlapped_from_the_sft_checkpoint(recipe):
+    """the recipe's rl stage on 2 ranks, its rollouts from the overlap's inference copy of the sharded model"""
     cwd = recipe['cwd']
-    p = run(cwd, PROBE + [os.path.join(ROOT, 'config', f'{config}.py')] + RL + extra)
-    out = cwd / f'out-{config}'
-    m = metrics(out)
-    assert [r['step'] for r in m] == [1] and math.isfinite(m[0]['loss']), p.stdout[-2000:]
+    p = run(cwd, PROBE + [os.path.join(ROOT, 'config', 'dr_grpo.py')] + RL + ['--overlap=True'])
+    m = metrics(cwd / 'out-dr_grpo')
+    assert [r['step'] for r in m] == [1] and math.isfinite(m[0]['loss']) and m[0]['tokens'] > 0, p.stdout[-2000:]
     assert "init out-sft/ckpt" in p.stdout and "data: 8 rl prompts" in p.stdout  # the recipe's own checkpoint
-    if config == 'dapo' and not m[0]['tokens']:  # fewer groups with distinct rewards than ranks: no update, by design
-        assert m[0]['gen_rounds'] == 2 and m[0]['kept_groups'] == 0, m
-    else:
-        assert m[0]['tokens'] > 0, m
-        assert_recomputed(cwd, f'{config} {extra}')
+    assert "overlapped rollouts" in p.stdout and 'kl' not in m[0]
+    assert_recomputed(cwd, 'dr_grpo, overlapped')
+
+
+@pytest.mark.parametrize('config', ['grpo', 'dapo'])
+def test_rl_config_from_the_sft_checkpoint_in_one_process(recipe, config, tmp_path):
+    """rl from a {question, answer} file with no reasoning, chat prompts, the tokenizer's own <|im_end|> as eos. 16 new
+    tokens hold no answer, so every reward is 0: without dynamic sampling dapo still runs its update, as grpo does."""
+    qa = tmp_path / 'qa.jsonl'
+    qa.write_text(''.join(json.dumps({'question': r['question'], 'answer': r['answer'].split('####')[-1].strip()})
+                          + '\n' for r in map(json.loads, open(TRAIN))))
+    p = in_process([os.path.join(ROOT, 'config', f'{config}.py')] + RL + [
+        f'--dataset={qa}', f"--init_from={recipe['cwd'] / 'out-sft' / 'ckpt'}", f'--out_dir={tmp_path / "out"}',
+        '--dynamic_sampling=False'])
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = metrics(tmp_path / 'out')
+    assert [r['step'] for r in m] == [1] and math.isfinite(m[0]['loss']) and m[0]['tokens'] > 0, m
+    assert ('kl' in m[0]) == (config == 'grpo') and 'data: 8 rl prompts' in p.stdout
+    # autocast = 'auto': a 135M model computes under bf16 autocast where this cpu multiplies bf16 in hardware
+    assert DEVICE != 'cpu' or ('under bf16 autocast' in p.stdout) == train.cpu_bf16_units(), p.stdout[:2000]
 
 
 def test_eval_reads_the_checkpoint_and_reports_both_scores(recipe):
