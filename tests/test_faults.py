@@ -70,34 +70,38 @@ train.main(sys.argv[3:])
 
 
 @pytest.fixture(scope='module')
-def nan_worker(tmp_path_factory):
-    path = tmp_path_factory.mktemp('nan') / 'nan_worker.py'
-    path.write_text(NAN_WORKER)
-    return str(path)
+def nan_run(tmp_path_factory):
+    """2 ranks, a NaN gradient on rank 1 at steps 2, 4, 5 and 6, max_skips = 2: step 3 trains between two skips, and
+    the third skip in a row, step 6, stops the run."""
+    d = tmp_path_factory.mktemp('nan')
+    (d / 'nan_worker.py').write_text(NAN_WORKER)
+    p = run(TORCHRUN + [str(d / 'nan_worker.py'), '1', '2,4,5,6'] + SFT +
+            ['--max_iters=8', '--max_skips=2', f'--out_dir={d / "out"}'], check=False)
+    return p, d / 'out'
 
 
 @pytest.mark.slow
-def test_nan_on_one_rank_skips_the_step_on_both(nan_worker, tmp_path):
-    run(TORCHRUN + [nan_worker, '1', '2'] + SFT + ['--max_iters=3', f'--out_dir={tmp_path}'])
-    ms = metrics(tmp_path)
-    assert [m.get('skipped', False) for m in ms] == [False, True, False]
+def test_nan_on_one_rank_skips_the_step_on_both(nan_run):
+    _, out = nan_run
+    ms = metrics(out)
+    assert [m.get('skipped', False) for m in ms] == [False, True, False, True, True, True]
     assert ms[1]['skip_reason'] == 'non-finite grad_norm', ms[1]
     # rank 0's own gradient was finite; the reduce-scatter and the global norm told it to skip too
-    with open(tmp_path / 'metrics.jsonl') as f:
+    with open(out / 'metrics.jsonl') as f:
         assert 'NaN' in f.read().splitlines()[1]
     for rank in range(2):  # the weights after the skipped step 2 are those after step 1, and step 3 trained again
-        w = load_file(tmp_path / f'weights_rank{rank}.safetensors')
+        w = load_file(out / f'weights_rank{rank}.safetensors')
         assert torch.equal(w['step2'], w['step1']) and not torch.equal(w['step3'], w['step2']), rank
+        assert torch.equal(w['step5'], w['step3']), rank
     assert ms[2]['loss'] < ms[0]['loss']  # a step that trains again
 
 
 @pytest.mark.slow
-def test_consecutive_skips_stop_the_run(nan_worker, tmp_path):
-    p = run(TORCHRUN + [nan_worker, '0', '2,3,4'] + SFT + ['--max_iters=6', '--max_skips=2', f'--out_dir={tmp_path}'],
-            check=False)
-    assert p.returncode != 0 and 'step 4: 3 steps in a row with a non-finite grad_norm (max_skips = 2)' in p.stderr
-    assert [m['step'] for m in metrics(tmp_path)] == [1, 2, 3, 4]
-    assert not os.path.exists(tmp_path / 'ckpt'), "no checkpoint at a skipped step of a run that stops"
+def test_consecutive_skips_stop_the_run(nan_run):
+    p, out = nan_run
+    assert p.returncode != 0 and 'step 6: 3 steps in a row with a non-finite grad_norm (max_skips = 2)' in p.stderr
+    assert [m['step'] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert not os.path.exists(out / 'ckpt'), "no checkpoint at a skipped step of a run that stops"
 
 
 # -----------------------------------------------------------------------------
