@@ -19,6 +19,8 @@ import time
 import pytest
 
 import bench
+import data
+import rewards
 import train
 from conftest import in_process
 from test_pretrained import TEST, TRAIN
@@ -98,6 +100,8 @@ def test_sft_resumes_as_if_never_stopped_and_its_loss_falls(recipe):
     for a, b in zip(got, want):  # step 2 is the resumed run's: its weights and its place in the data came back
         assert math.isclose(a['loss'], b['loss'], rel_tol=1e-5), (got, want)
     assert want[-1]['loss'] < want[0]['loss'], want
+    assert 0.3 < want[0]['loss'] < 3.0, want  # a pretrained model already predicts gsm8k prose; random weights: ~10
+    assert "data: 8 sft examples" in recipe['stopped']['out'] and "(0 dropped" in recipe['stopped']['out']
     assert_recomputed(recipe['cwd'], 'sft resumed from its checkpoint')
     n_layer = json.load(open(recipe['cwd'] / 'out-sft' / 'ckpt' / 'config.json'))['num_hidden_layers']
     for r, p in enumerate(recipe['stopped']['probes']):  # from the pretrained model; its step 2 stopped part-way
@@ -147,9 +151,21 @@ def test_rl_config_from_the_sft_checkpoint_in_one_process(recipe, config, tmp_pa
 
 
 def test_eval_reads_the_checkpoint_and_reports_both_scores(recipe):
+    """eval.py on 2 ranks from the checkpoint's own chat template: the format is stated inside the user turn, before
+    the assistant's; every completion's flexible answer is rewards.extract_flexible's, and flexible >= strict."""
     cwd = recipe['cwd']
     run(cwd, [os.path.join(ROOT, 'eval.py'), '--ckpt', 'out-sft', '--data', TEST, '--limit', '2', '--batch_size', '1',
-              '--max_new_tokens', '24', '--device', DEVICE])
-    s = json.load(open(cwd / 'out-sft' / 'ckpt' / 'eval' / 'summary.json'))['jsonl']
-    assert s['n'] == 2 and 'pass@1_greedy' in s and 'flex_pass@1_greedy' in s
-    assert s['flex_pass@1_greedy'] >= s['pass@1_greedy']
+              '--max_new_tokens', '24', '--n_samples', '2', '--k', '2', '--device', DEVICE])
+    out = cwd / 'out-sft' / 'ckpt' / 'eval'
+    s = json.load(open(out / 'summary.json'))['jsonl']
+    merged = [f for f in out.glob('results-*.jsonl') if '.rank' not in f.name]  # the ranks' own files merged
+    assert len(merged) == 1, merged
+    rows = [json.loads(line) for line in open(merged[0])]
+    assert s['n'] == len(rows) == 2
+    for r in rows:
+        assert r['prompt'].index(data.R1_TAGS) < r['prompt'].index('<|im_start|>assistant'), r['prompt']
+        for g in [r['greedy']] + r['samples']:
+            assert g['flex_answer'] == rewards.extract_flexible(g['completion'])
+            assert g['flex_correct'] >= g['correct']
+    for strict in ('pass@1_greedy', 'pass@1_sampled', 'pass@2'):
+        assert s['flex_' + strict] >= s[strict], (strict, s)
