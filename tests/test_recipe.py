@@ -135,7 +135,7 @@ def test_dr_grpo_overlapped_from_the_sft_checkpoint(recipe):
 @pytest.mark.parametrize('config', ['grpo', 'dapo'])
 def test_rl_config_from_the_sft_checkpoint_in_one_process(recipe, config, tmp_path):
     """rl from a {question, answer} file with no reasoning, chat prompts, the tokenizer's own <|im_end|> as eos. 16 new
-    tokens hold no answer, so every reward is 0: without dynamic sampling dapo still runs its update, as grpo does."""
+    tokens rarely hold an answer: without dynamic sampling dapo updates whatever the rewards, as grpo does."""
     qa = tmp_path / 'qa.jsonl'
     qa.write_text(''.join(json.dumps({'question': r['question'], 'answer': r['answer'].split('####')[-1].strip()})
                           + '\n' for r in map(json.loads, open(TRAIN))))
@@ -155,7 +155,7 @@ def test_eval_reads_the_checkpoint_and_reports_both_scores(recipe):
     the assistant's; every completion's flexible answer is rewards.extract_flexible's, and flexible >= strict."""
     cwd = recipe['cwd']
     run(cwd, [os.path.join(ROOT, 'eval.py'), '--ckpt', 'out-sft', '--data', TEST, '--limit', '2', '--batch_size', '1',
-              '--max_new_tokens', '24', '--n_samples', '2', '--k', '2', '--device', DEVICE])
+              '--max_new_tokens', '24', '--device', DEVICE])
     out = cwd / 'out-sft' / 'ckpt' / 'eval'
     s = json.load(open(out / 'summary.json'))['jsonl']
     merged = [f for f in out.glob('results-*.jsonl') if '.rank' not in f.name]  # the ranks' own files merged
@@ -164,8 +164,6 @@ def test_eval_reads_the_checkpoint_and_reports_both_scores(recipe):
     assert s['n'] == len(rows) == 2
     for r in rows:
         assert r['prompt'].index(data.R1_TAGS) < r['prompt'].index('<|im_start|>assistant'), r['prompt']
-        for g in [r['greedy']] + r['samples']:
-            assert g['flex_answer'] == rewards.extract_flexible(g['completion'])
-            assert g['flex_correct'] >= g['correct']
-    for strict in ('pass@1_greedy', 'pass@1_sampled', 'pass@2'):
-        assert s['flex_' + strict] >= s[strict], (strict, s)
+        g = r['greedy']
+        assert g['flex_answer'] == rewards.extract_flexible(g['completion']) and g['flex_correct'] >= g['correct']
+    assert s['flex_pass@1_greedy'] >= s['pass@1_greedy'], s
