@@ -23,9 +23,9 @@ import data
 import rewards
 import train
 from conftest import in_process
-from test_pretrained import TEST, TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST, TRAIN = (os.path.join(ROOT, 'tests', 'data', f'gsm8k_{s}_sample.jsonl') for s in ('test', 'train'))
 DEVICE, NPROC = os.environ.get('RECIPE_DEVICE', 'cpu'), int(os.environ.get('RECIPE_NPROC', '2'))
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={NPROC}']
 PROBE = [os.path.join(ROOT, 'tests', 'probe.py'), os.path.join(ROOT, 'train.py')]
