@@ -21,10 +21,10 @@ def pytest_configure(config):
         config.option.loadscopereorder = False  # tests first; here the order below, longest first, balances better
 
 
-# the files of over 20 s on 2 cores, longest first (docs/results.md): each of the two workers (pytest -n 2 --dist
-# loadfile) starts with two of them and takes the next as it runs dry, so the short files fill the end and both finish
-# together
-FIRST = ('test_recipe.py', 'test_real_demo.py', 'test_distributed.py', 'test_rl.py', 'test_faults.py', 'test_memory.py',
+# the files of over 20 s on 2 cores, longest first (docs/results.md): the two workers (pytest -n 2 --dist loadfile) take
+# the first four in turn, two each, and the next as they run dry, so the short files fill the end and both finish
+# together. the two SmolLM2 files go to one worker: the other would wait for the model's conversion (conftest.smollm)
+FIRST = ('test_recipe.py', 'test_distributed.py', 'test_real_demo.py', 'test_rl.py', 'test_faults.py', 'test_memory.py',
          'test_overlap.py', 'test_pretrained.py', 'test_demo.py', 'test_eval.py', 'test_engine.py')
 
 
