@@ -89,7 +89,7 @@ def recipe(smollm, steps, tmp_path_factory):
 def test_sigterm_to_torchrun_keeps_the_last_finished_step(recipe):
     s = recipe['stopped']
     assert "stopped by a signal" in s['out'], s['out'][-2000:] + s['err'][-2000:]
-    assert s['ckpt'] == s['steps'] == 1, s  # the step in flight (~15 s on 2 cores) abandoned, the finished one kept
+    assert s['ckpt'] == s['steps'] == 1, s  # the step in flight abandoned, the finished one kept
     print(f"stopped in {s['seconds']:.1f} s")  # written and exited inside torchrun's 30 s: the message comes last
     assert not (recipe['cwd'] / 'out-sft' / 'ckpt.stop.tmp').exists()
 
