@@ -13,8 +13,7 @@ the sft checkpoint, each evaluated on the same held-out problems (strict and fle
 failures, length) beside its train time and peak memory (the process's, measured, and the planner's tensors).
 Stages are plain train.py runs and eval.py's main (in this process), so each can be rerun by hand; their commands
 are printed. Ends with the table (the scratch demo adds sample completions) and the rl runs' training curves on one
-figure, <out>/curves.png
-(plot.py; skipped with an install hint when matplotlib is missing).
+figure, <out>/curves.png (plot.py; skipped with an install hint when matplotlib is missing).
 """
 import argparse
 import json
